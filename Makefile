@@ -1,0 +1,66 @@
+# slimserve: `make serve` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+REPO   ?= models
+# re-install whenever pyproject.toml changes
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: help install models list verify serve test test-fast lint bench loadtest batch clean
+
+help:
+	@echo "make serve    install, build the model repository if missing, start the server"
+	@echo "make test     install and run the whole test suite"
+	@echo "make models   build the zoo into $(REPO)/ (python -m export build)"
+	@echo "make list     show the model repository (python -m export list)"
+	@echo "make verify   check hashes and that onnxruntime loads every model"
+	@echo "make lint     ruff"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch is pip-installed from the CPU wheel on this machine's disk (pyproject pins 2.13.0);
+# uv or poetry would download a multi-GB CUDA build instead.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[serve,export]' --group dev
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+models: install
+	$(PY) -m export build --repo $(REPO)
+
+list: install
+	$(PY) -m export list --repo $(REPO)
+
+verify: install
+	$(PY) -m export verify --repo $(REPO)
+
+# The server itself arrives with the "HTTP prediction service" issue; until then this target
+# builds the repository and says so instead of pretending to serve.
+serve: install
+	@if [ -z "$$($(PY) -c 'from service.repository import ModelRepository as R; print(*R("$(REPO)").names())')" ]; then \
+		$(PY) -m export build --repo $(REPO); fi
+	@echo "model repository ready in $(REPO)/; the HTTP server is not built yet (see README, 'Status')" >&2
+	@exit 1
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check service export tests
+
+bench loadtest batch:
+	@echo "make $@: not built yet (see README, 'Status')" >&2; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""``python -m export``: build the zoo into a model repository, list it, verify it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from service.repository import ModelRepository, RepositoryError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train, export, verify and register slimserve's models.",
+)
+# a pipe or CI log has no width; rich would then squeeze tables to 80 columns
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)  # never break a path across lines
+
+RepoOption = Annotated[
+    Path,
+    typer.Option(
+        "--repo",
+        envvar="SLIMSERVE_MODEL_REPOSITORY",
+        help="Model repository folder.",
+        show_default=True,
+    ),
+]
+
+
+def _quiet() -> None:
+    """The exporter's warnings about optional torchvision ops and deprecations are noise here."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def _fmt_metric(headline: tuple[str, float] | None) -> str:
+    return f"{headline[0]}={headline[1]:.4g}" if headline else "-"
+
+
+@app.command()
+def build(
+    repo: RepoOption = Path("models"),
+    only: Annotated[
+        list[str] | None, typer.Option(help="Build only this model (repeatable).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits, initialisation and sampling.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even when nothing changed.")] = False,
+) -> None:
+    """Build the zoo (or --only some models) into REPO; unchanged models are skipped."""
+    _quiet()
+    from . import build as builder
+    from . import zoo
+
+    try:
+        specs = zoo.plan(only or ())
+    except KeyError as exc:
+        err.print(f"[red]error:[/] {exc.args[0]}")
+        raise typer.Exit(2) from None
+    repository = ModelRepository(repo)
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("building", total=len(specs))
+
+        def on_start(spec: zoo.ModelSpec) -> None:
+            progress.update(task, description=f"{spec.name} ({spec.family})")
+
+        def on_done(o: builder.BuildOutcome) -> None:
+            mark = "[green]built[/]" if o.status == "built" else "[dim]unchanged[/]"
+            progress.console.print(
+                f"{mark} {o.name} v{o.version}  {_fmt_metric(o.headline)}  {o.seconds:.1f}s"
+            )
+            progress.advance(task)
+
+        try:
+            outcomes = builder.build(repository, only or (), seed, force, on_start, on_done)
+        except (builder.ExportError, RepositoryError) as exc:
+            progress.stop()
+            err.print(f"[red]build failed:[/] {exc}")
+            raise typer.Exit(1) from None
+    built = sum(o.status == "built" for o in outcomes)
+    console.print(f"{built} built, {len(outcomes) - built} unchanged, repository {repo}")
+
+
+@app.command("list")
+def list_models(repo: RepoOption = Path("models")) -> None:
+    """Print the repository: name, version, task, inputs, headline metric, size."""
+    repository = ModelRepository(repo)
+    entries = repository.scan(verify=False)
+    if not entries:
+        err.print(f"no models in {repo} (run `make models`)")
+        raise typer.Exit(1)
+    table = Table(title=f"model repository {repo}")
+    for col in ("name", "version", "task", "inputs", "headline metric", "size"):
+        table.add_column(
+            col, justify="right" if col in ("version", "size") else "left", no_wrap=col != "inputs"
+        )
+    for e in entries:
+        if e.model is None:
+            table.add_row(e.name, str(e.version), "[red]unreadable[/]", str(e.error), "", "")
+            continue
+        m = e.model.manifest
+        inputs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in m.inputs)
+        size = sum(f.bytes for f in m.files.values())
+        table.add_row(m.name, str(m.version), m.task, inputs, _fmt_metric(m.headline), _human(size))
+    console.print(table)
+
+
+@app.command()
+def verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Models to check (default: all).")
+    ] = None,
+    repo: RepoOption = Path("models"),
+) -> None:
+    """Check every file's sha256 and that onnxruntime loads each model; exit 1 on any failure."""
+    from .verify import ort_runner
+
+    repository = ModelRepository(repo)
+    failures = 0
+    for name in names or repository.names():
+        try:
+            model = repository.get(name)
+            model.verify()
+            for variant in model.manifest.variants.values():
+                if variant.available:
+                    ort_runner(model.path / variant.file)
+        except RepositoryError as exc:
+            failures += 1
+            err.print(f"[red]FAIL[/] {name}: {exc}")
+        except Exception as exc:  # onnxruntime raises its own types for unloadable graphs
+            failures += 1
+            err.print(f"[red]FAIL[/] {name}: onnxruntime cannot load it: {exc}")
+        else:
+            console.print(f"[green]ok[/]   {name} v{model.version}")
+    raise typer.Exit(1 if failures else 0)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024 or unit == "MiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def main() -> None:
+    app(prog_name="python -m export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Fixtures shared by every test layer. Tiny models are built here, never committed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.repository import Manifest, ModelRepository, TensorSpec
+
+
+def write_identity_onnx(path: Path, width: int = 4) -> None:
+    """A one-node ONNX graph (y = x) with a dynamic batch axis: the smallest servable model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def publish_identity(repo: ModelRepository, name: str, width: int = 4):
+    staging = repo.staging_dir(name)
+    write_identity_onnx(staging / "model.onnx", width)
+    manifest = Manifest(
+        name=name,
+        version=0,
+        task="unknown",
+        inputs=[TensorSpec("x", "FP32", (-1, width))],
+        outputs=[TensorSpec("y", "FP32", (-1, width))],
+        metrics={"score": 1.0},
+        headline_metric="score",
+    )
+    return repo.publish(staging, manifest)
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path) -> ModelRepository:
+    """A repository with two identity models, ``alpha`` and ``beta``."""
+    repo = ModelRepository(tmp_path / "models")
+    publish_identity(repo, "alpha")
+    publish_identity(repo, "beta")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def zoo_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    """The whole zoo, built once per test session (about a minute on two cores)."""
+    from export.build import build
+
+    repo = ModelRepository(tmp_path_factory.mktemp("zoo") / "models")
+    build(repo)
+    return repo
+
+
+@pytest.fixture
+def zoo_copy(zoo_repo: ModelRepository, tmp_path: Path) -> ModelRepository:
+    """A private copy of the built zoo that a test may damage."""
+    target = tmp_path / "models"
+    shutil.copytree(zoo_repo.root, target)
+    return ModelRepository(target)
+
+
+def random_feeds(specs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs that satisfy declared specs: dynamic axes become ``batch`` (first) or 3 (others)."""
+    from service.datatypes import to_numpy
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = [batch if i == 0 else (3 if d == -1 else d) for i, d in enumerate(spec.shape)]
+        dtype = to_numpy(spec.datatype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.random(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            feeds[spec.name] = rng.integers(0, 10, shape).astype(dtype)
+    return feeds
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
