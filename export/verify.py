@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service.datatypes import from_ort_type
 from service.repository import TensorSpec
+from service.runtime import OrtSession, RuntimeOptions, session_signature
 
 from .spec import PARITY_BATCH_SIZES, Feeds, Runner, Trained
 
@@ -30,15 +30,8 @@ class ParityError(ExportError):
 
 
 def ort_runner(path: Path) -> Runner:
-    """A CPU onnxruntime session over ``path``, as a feeds -> outputs function."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(feeds: Feeds) -> list[np.ndarray]:
-        return session.run(None, feeds)
-
-    return run
+    """A CPU onnxruntime session over ``path`` (the server's own session class), as a function."""
+    return OrtSession(path, path.parent.name, RuntimeOptions(["CPUExecutionProvider"])).run
 
 
 def graph_signature(name: str, path: Path) -> tuple[list[TensorSpec], list[TensorSpec], int]:
@@ -54,21 +47,16 @@ def graph_signature(name: str, path: Path) -> tuple[list[TensorSpec], list[Tenso
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def specs(args: list[Any], kind: str) -> list[TensorSpec]:
-        out = []
-        for arg in args:
-            shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
-            if not shape or shape[0] != -1:
+    inputs, outputs = session_signature(session)
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            if not spec.shape or spec.shape[0] != -1:
                 raise ExportError(
-                    f"model {name!r}: {kind} {arg.name!r} has shape {list(arg.shape)}; "
+                    f"model {name!r}: {kind} {spec.name!r} has shape {list(spec.shape)}; "
                     "expected a dynamic batch axis first (export with example batch >= 2 and "
                     "dynamic shapes)"
                 )
-            out.append(TensorSpec(arg.name, from_ort_type(arg.type), shape))
-        return out
-
-    return specs(session.get_inputs(), "input"), specs(session.get_outputs(), "output"), opset
+    return inputs, outputs, opset
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, trained: Trained) -> tuple[float, np.ndarray]:

@@ -1,0 +1,234 @@
+"""Dynamic batching: concurrent requests for one model merged into one onnxruntime call.
+
+The queue is bounded (in samples) and every request has a deadline: a full queue, or a wait that
+cannot end before the deadline, is refused at once with 503 rather than queued forever. By
+default nothing waits on purpose: when the previous batch finishes, whatever queued meanwhile
+becomes the next batch, so a lone client pays no batching delay. ``max_queue_delay_s`` adds a
+Triton-style wait for fuller batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DeadlineExceeded, InferenceFailed, Overloaded, ServingError
+
+__all__ = ["BatchObserver", "DynamicBatcher"]
+
+log = logging.getLogger("slimserve.batcher")
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class BatchObserver:
+    """Hooks for metrics: the queue wait of each request, and each batch's size and run time."""
+
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    batch: Callable[[int, float], None] = lambda samples, seconds: None
+
+
+@dataclass(slots=True)
+class _Item:
+    feeds: Feeds
+    samples: int
+    future: asyncio.Future
+    deadline: float
+    enqueued: float
+    key: tuple = field(default=())
+
+
+def _shape_key(feeds: Feeds) -> tuple:
+    """Requests can share a batch only when everything but the batch axis matches."""
+    return tuple((k, v.dtype.str, v.shape[1:]) for k, v in feeds.items())
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[Feeds], list[np.ndarray]],
+        label: str,
+        max_batch_size: int = 64,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 2048,
+        retry_after_s: int = 1,
+        splittable: bool = True,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run = run
+        self.label = label
+        self.max_batch_size = max_batch_size if splittable else 1
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max(max_queue_size, max_batch_size)
+        self.retry_after_s = retry_after_s
+        self.splittable = splittable
+        self.observer = observer or BatchObserver()
+        self._queue: deque[_Item] = deque()
+        self._queued_samples = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{label}")
+        self._seconds_per_sample = 0.0  # moving average, to refuse what cannot meet its deadline
+
+    @property
+    def queued_samples(self) -> int:
+        return self._queued_samples
+
+    async def infer(self, feeds: Feeds, samples: int, timeout_s: float) -> list[np.ndarray]:
+        """Outputs for ``feeds`` (``samples`` rows), computed in some batch within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self.splittable and samples > self.max_batch_size:
+            return await self._infer_split(feeds, samples, deadline)
+        self._admit(samples, deadline - loop.time())
+        item = _Item(feeds, samples, loop.create_future(), deadline, loop.time(), _shape_key(feeds))
+        self._queue.append(item)
+        self._queued_samples += samples
+        self._ensure_worker()
+        return await item.future
+
+    async def _infer_split(self, feeds: Feeds, samples: int, deadline: float) -> list[np.ndarray]:
+        """A request larger than the maximum batch: its chunks queue as separate requests."""
+        self._admit(samples, deadline - asyncio.get_running_loop().time())
+        step = self.max_batch_size
+        parts = await asyncio.gather(
+            *(
+                self.infer(
+                    {k: v[i : i + step] for k, v in feeds.items()},
+                    min(step, samples - i),
+                    deadline - asyncio.get_running_loop().time(),
+                )
+                for i in range(0, samples, step)
+            )
+        )
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    def _admit(self, samples: int, remaining_s: float) -> None:
+        if self._queued_samples + samples > self.max_queue_size:
+            raise Overloaded(
+                f"model {self.label}: queue full ({self._queued_samples} samples waiting, "
+                f"limit {self.max_queue_size}); retry later",
+                self.retry_after_s,
+            )
+        expected = (self._queued_samples + samples) * self._seconds_per_sample
+        if expected > remaining_s:
+            raise DeadlineExceeded(
+                f"model {self.label}: {self._queued_samples} queued samples need about "
+                f"{expected * 1000:.0f} ms, more than the {remaining_s * 1000:.0f} ms left "
+                "before the request's deadline; retry later",
+                self.retry_after_s,
+            )
+
+    def _ensure_worker(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._work(), name=self.label)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def _take(self, now: float) -> list[_Item]:
+        """Pop the next batch: the first live request and every compatible one that fits."""
+        batch: list[_Item] = []
+        kept: deque[_Item] = deque()
+        total = 0
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # the client went away
+                self._queued_samples -= item.samples
+                continue
+            if now > item.deadline:
+                self._queued_samples -= item.samples
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"model {self.label}: request waited {(now - item.enqueued) * 1000:.0f} ms"
+                        " in the queue, past its deadline; retry later",
+                        self.retry_after_s,
+                    )
+                )
+                continue
+            joins = not batch or (
+                item.key == batch[0].key and total + item.samples <= self.max_batch_size
+            )
+            if joins:
+                batch.append(item)
+                total += item.samples
+                self._queued_samples -= item.samples
+            else:
+                kept.append(item)
+            if total >= self.max_batch_size:
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_queue_delay_s > 0 and self._queued_samples < self.max_batch_size:
+                wait = self._queue[0].enqueued + self.max_queue_delay_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            now = loop.time()
+            batch = self._take(now)
+            if not batch:
+                continue
+            for item in batch:
+                self.observer.queue_wait(now - item.enqueued)
+            await self._run_batch(batch, loop)
+
+    async def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        names = batch[0].feeds.keys()
+        if len(batch) == 1:
+            merged = batch[0].feeds
+        else:
+            merged = {k: np.concatenate([it.feeds[k] for it in batch]) for k in names}
+        samples = sum(it.samples for it in batch)
+        start = loop.time()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, merged)
+        except ServingError as exc:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        except Exception as exc:  # the batcher must survive any failure of one batch
+            log.exception("model %s: batch of %d samples failed", self.label, samples)
+            failure = InferenceFailed(f"model {self.label}: inference failed: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+            return
+        seconds = loop.time() - start
+        self.observer.batch(samples, seconds)
+        per_sample = seconds / samples
+        self._seconds_per_sample = (
+            per_sample if not self._seconds_per_sample
+            else 0.9 * self._seconds_per_sample + 0.1 * per_sample
+        )
+        if len(batch) == 1:
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
+        offset = 0
+        for item in batch:
+            end = offset + item.samples
+            if not item.future.done():
+                item.future.set_result([o[offset:end] for o in outputs])
+            offset = end
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

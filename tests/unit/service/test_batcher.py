@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import BatchObserver, DynamicBatcher
+from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+
+
+class Recorder:
+    """A fake model: doubles its input and records the batch sizes it was called with."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+
+    def __call__(self, feeds):
+        x = feeds["x"]
+        self.calls.append(len(x))
+        if self.delay:
+            time.sleep(self.delay)
+        return [x * 2, x.sum(axis=1)]
+
+
+def test_concurrent_mixed_size_requests_are_merged_and_answered_correctly() -> None:
+    model = Recorder(delay=0.002)
+    batches: list[int] = []
+    batcher = DynamicBatcher(model, "m", max_batch_size=16,
+                             observer=BatchObserver(batch=lambda n, s: batches.append(n)))
+    rng = np.random.default_rng(0)
+    requests = [rng.random((int(rng.integers(1, 6)), 3)).astype(np.float32) for _ in range(200)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer({"x": r}, len(r), 10.0) for r in requests))
+
+    results = asyncio.run(main())
+    for r, (doubled, sums) in zip(requests, results, strict=True):
+        assert np.array_equal(doubled, r * 2)
+        assert np.allclose(sums, r.sum(axis=1))
+    assert sum(model.calls) == sum(len(r) for r in requests)
+    assert len(model.calls) < len(requests) / 3  # requests really were merged
+    assert max(model.calls) <= 16 and batches == model.calls
+
+
+def test_a_request_larger_than_the_batch_is_split_and_reassembled_in_order() -> None:
+    model = Recorder()
+    batcher = DynamicBatcher(model, "m", max_batch_size=8)
+    x = np.arange(60, dtype=np.float32).reshape(20, 3)
+    doubled, sums = asyncio.run(batcher.infer({"x": x}, 20, 10.0))
+    assert np.array_equal(doubled, x * 2) and sums.shape == (20,)
+    assert sorted(model.calls) == [4, 8, 8]
+
+
+def test_incompatible_shapes_are_not_merged() -> None:
+    model = Recorder(delay=0.01)
+    batcher = DynamicBatcher(model, "m", max_batch_size=64)
+
+    async def main():
+        a = np.ones((2, 3), np.float32)
+        b = np.ones((2, 5), np.float32)
+        return await asyncio.gather(*(batcher.infer({"x": v}, 2, 10.0) for v in (a, b, a, b, a)))
+
+    results = asyncio.run(main())
+    assert [r[0].shape[1] for r in results] == [3, 5, 3, 5, 3]
+
+
+def test_full_queue_is_refused_with_503_and_retry_after() -> None:
+    gate = threading.Event()
+
+    def blocked(feeds):
+        gate.wait(5)
+        return [feeds["x"]]
+
+    batcher = DynamicBatcher(blocked, "m", max_batch_size=4, max_queue_size=8, retry_after_s=2)
+
+    async def main():
+        x = np.ones((4, 1), np.float32)
+        first = [asyncio.ensure_future(batcher.infer({"x": x}, 4, 10.0))]
+        await asyncio.sleep(0.05)  # the first batch is running
+        first += [asyncio.ensure_future(batcher.infer({"x": x}, 4, 10.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)  # two more queued = 8 samples
+        with pytest.raises(Overloaded) as info:
+            await batcher.infer({"x": x}, 4, 10.0)
+        gate.set()
+        await asyncio.gather(*first)
+        return info.value
+
+    error = asyncio.run(main())
+    assert error.status_code == 503 and error.headers == {"Retry-After": "2"}
+    assert "queue full (8 samples waiting, limit 8)" in str(error)
+
+
+def test_a_request_that_waits_past_its_deadline_gets_503() -> None:
+    model = Recorder(delay=0.3)
+    batcher = DynamicBatcher(model, "m", max_batch_size=1)
+
+    async def main():
+        x = np.ones((1, 1), np.float32)
+        slow = asyncio.ensure_future(batcher.infer({"x": x}, 1, 10.0))
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded, match="past its deadline"):
+            await batcher.infer({"x": x}, 1, 0.05)
+        await slow
+
+    asyncio.run(main())
+
+
+def test_requests_that_cannot_meet_their_deadline_are_refused_up_front() -> None:
+    model = Recorder(delay=0.05)
+    batcher = DynamicBatcher(model, "m", max_batch_size=1)
+
+    async def main():
+        x = np.ones((1, 1), np.float32)
+        await batcher.infer({"x": x}, 1, 10.0)  # learns ~50 ms per sample
+        queued = [asyncio.ensure_future(batcher.infer({"x": x}, 1, 10.0)) for _ in range(5)]
+        await asyncio.sleep(0)
+        with pytest.raises(DeadlineExceeded, match="more than the"):
+            await batcher.infer({"x": x}, 1, 0.1)
+        await asyncio.gather(*queued)
+
+    asyncio.run(main())
+
+
+def test_a_client_error_reaches_every_request_of_the_batch_and_the_batcher_survives() -> None:
+    def picky(feeds):
+        if (feeds["x"] < 0).any():
+            raise InvalidInput("negative input")
+        return [feeds["x"]]
+
+    batcher = DynamicBatcher(picky, "m", max_batch_size=8)
+
+    async def main():
+        with pytest.raises(InvalidInput, match="negative input"):
+            await batcher.infer({"x": -np.ones((1, 1), np.float32)}, 1, 5.0)
+        (out,) = await batcher.infer({"x": np.ones((2, 1), np.float32)}, 2, 5.0)
+        return out
+
+    assert asyncio.run(main()).shape == (2, 1)
+
+
+def test_unexpected_failures_become_inference_failed() -> None:
+    def broken(feeds):
+        raise RuntimeError("boom")
+
+    batcher = DynamicBatcher(broken, "m")
+
+    async def main():
+        await batcher.infer({"x": np.ones((1, 1), np.float32)}, 1, 5.0)
+
+    with pytest.raises(Exception, match="model m: inference failed: boom") as info:
+        asyncio.run(main())
+    assert info.value.status_code == 500
