@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-REPO   ?= models
+REPO   ?= $(or $(SLIMSERVE_MODEL_REPOSITORY),models)
 # re-install whenever pyproject.toml changes
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
@@ -42,13 +42,12 @@ list: install
 verify: install
 	$(PY) -m export verify --repo $(REPO)
 
-# The server itself arrives with the "HTTP prediction service" issue; until then this target
-# builds the repository and says so instead of pretending to serve.
+# Builds the default repository when it has no model, then starts the server; host, port,
+# workers and the rest come from SLIMSERVE_* settings (see README).
 serve: install
 	@if [ -z "$$($(PY) -c 'from service.repository import ModelRepository as R; print(*R("$(REPO)").names())')" ]; then \
 		$(PY) -m export build --repo $(REPO); fi
-	@echo "model repository ready in $(REPO)/; the HTTP server is not built yet (see README, 'Status')" >&2
-	@exit 1
+	SLIMSERVE_MODEL_REPOSITORY=$(REPO) $(PY) -m service
 
 test: install
 	$(PY) -m pytest

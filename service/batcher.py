@@ -214,7 +214,8 @@ class DynamicBatcher:
         self.observer.batch(samples, seconds)
         per_sample = seconds / samples
         self._seconds_per_sample = (
-            per_sample if not self._seconds_per_sample
+            per_sample
+            if not self._seconds_per_sample
             else 0.9 * self._seconds_per_sample + 0.1 * per_sample
         )
         if len(batch) == 1:

@@ -29,8 +29,9 @@ class Recorder:
 def test_concurrent_mixed_size_requests_are_merged_and_answered_correctly() -> None:
     model = Recorder(delay=0.002)
     batches: list[int] = []
-    batcher = DynamicBatcher(model, "m", max_batch_size=16,
-                             observer=BatchObserver(batch=lambda n, s: batches.append(n)))
+    batcher = DynamicBatcher(
+        model, "m", max_batch_size=16, observer=BatchObserver(batch=lambda n, s: batches.append(n))
+    )
     rng = np.random.default_rng(0)
     requests = [rng.random((int(rng.integers(1, 6)), 3)).astype(np.float32) for _ in range(200)]
 

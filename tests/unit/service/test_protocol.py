@@ -25,16 +25,26 @@ def body(inputs, **extra) -> bytes:
 
 
 def test_flat_and_nested_data_decode_to_the_same_array() -> None:
-    flat = decode_request(body([{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": list(range(6))}]))
-    nested = decode_request(body([{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[0, 1, 2], [3, 4, 5]]}]))
+    flat = decode_request(
+        body([{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": list(range(6))}])
+    )
+    nested = decode_request(
+        body([{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[0, 1, 2], [3, 4, 5]]}])
+    )
     assert flat.inputs["x"].dtype == np.float32 and flat.inputs["x"].shape == (2, 3)
     assert np.array_equal(flat.inputs["x"], nested.inputs["x"])
 
 
 @pytest.mark.parametrize(
     ("datatype", "data", "dtype"),
-    [("INT64", [1, 2], np.int64), ("INT32", [1, 2], np.int32), ("BOOL", [True, False], np.bool_),
-     ("FP16", [0.5, 1.5], np.float16), ("FP64", [0.25, 1.0], np.float64), ("UINT8", [0, 255], np.uint8)],
+    [
+        ("INT64", [1, 2], np.int64),
+        ("INT32", [1, 2], np.int32),
+        ("BOOL", [True, False], np.bool_),
+        ("FP16", [0.5, 1.5], np.float16),
+        ("FP64", [0.25, 1.0], np.float64),
+        ("UINT8", [0, 255], np.uint8),
+    ],
 )
 def test_datatypes(datatype: str, data: list, dtype) -> None:
     req = decode_request(body([{"name": "x", "shape": [2], "datatype": datatype, "data": data}]))
@@ -48,17 +58,50 @@ def test_datatypes(datatype: str, data: list, dtype) -> None:
         (b"{nope", "request body is not valid JSON"),
         (b"[1, 2]", "expected a JSON object, got list"),
         (body([]), "expected 'inputs' to be a non-empty list"),
-        (body([{"shape": [1], "datatype": "FP32", "data": [1]}]), "inputs[0]: expected a non-empty string 'name'"),
-        (body([{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]), "input 'x': expected 'shape' to be a list of integers >= 0"),
-        (body([{"name": "x", "shape": [1], "datatype": "FP8", "data": [1]}]), "input 'x': datatype 'FP8' is not supported"),
-        (body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}]), "input 'x': shape [2, 2] needs 4 elements, 'data' has 3"),
-        (body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}]), "input 'x': 'data' is a ragged nested list"),
-        (body([{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]), "input 'x': 'data' must hold numbers for datatype FP32"),
-        (body([{"name": "x", "shape": [1], "datatype": "INT64", "data": [1.5]}]), "datatype INT64 takes integers, got fractions"),
-        (body([{"name": "x", "shape": [1], "datatype": "BOOL", "data": [3]}]), "datatype BOOL takes true/false"),
-        (body([{"name": "x", "shape": [1], "datatype": "FP32"}]), "input 'x': expected 'data' or parameters.binary_data_size"),
-        (body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}] * 2), "input 'x' appears twice"),
-        (body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], id=7), "request 'id': expected a string"),
+        (
+            body([{"shape": [1], "datatype": "FP32", "data": [1]}]),
+            "inputs[0]: expected a non-empty string 'name'",
+        ),
+        (
+            body([{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]),
+            "input 'x': expected 'shape' to be a list of integers >= 0",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "FP8", "data": [1]}]),
+            "input 'x': datatype 'FP8' is not supported",
+        ),
+        (
+            body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3]}]),
+            "input 'x': shape [2, 2] needs 4 elements, 'data' has 3",
+        ),
+        (
+            body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}]),
+            "input 'x': 'data' is a ragged nested list",
+        ),
+        (
+            body([{"name": "x", "shape": [2], "datatype": "FP32", "data": ["a", "b"]}]),
+            "input 'x': 'data' must hold numbers for datatype FP32",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "INT64", "data": [1.5]}]),
+            "datatype INT64 takes integers, got fractions",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "BOOL", "data": [3]}]),
+            "datatype BOOL takes true/false",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "FP32"}]),
+            "input 'x': expected 'data' or parameters.binary_data_size",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}] * 2),
+            "input 'x' appears twice",
+        ),
+        (
+            body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], id=7),
+            "request 'id': expected a string",
+        ),
     ],
 )
 def test_malformed_requests_are_400_with_a_precise_message(payload: bytes, message: str) -> None:
@@ -71,29 +114,54 @@ def test_malformed_requests_are_400_with_a_precise_message(payload: bytes, messa
 def test_binary_inputs_follow_the_json_header() -> None:
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.array([7, 8], dtype=np.int64)
-    header = body([
-        {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
-        {"name": "b", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}},
-    ])
+    header = body(
+        [
+            {
+                "name": "a",
+                "shape": [2, 3],
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": a.nbytes},
+            },
+            {
+                "name": "b",
+                "shape": [2],
+                "datatype": "INT64",
+                "parameters": {"binary_data_size": b.nbytes},
+            },
+        ]
+    )
     req = decode_request(header + a.tobytes() + b.tobytes(), str(len(header)))
     assert np.array_equal(req.inputs["a"], a) and np.array_equal(req.inputs["b"], b)
 
 
 def test_binary_bytes_elements_are_length_prefixed() -> None:
     blob = b"".join(struct.pack("<I", len(s)) + s for s in (b"hi", b"there"))
-    header = body([{"name": "s", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}}])
+    header = body(
+        [
+            {
+                "name": "s",
+                "shape": [2],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        ]
+    )
     req = decode_request(header + blob, str(len(header)))
     assert req.inputs["s"].tolist() == [b"hi", b"there"]
 
 
 @pytest.mark.parametrize(
     ("size", "extra", "message"),
-    [(10, b"", "does not fit the 8 binary bytes"),
-     (4, b"", "shape [2] of FP32 needs 8 bytes, binary_data_size is 4"),
-     (8, b"xx", "2 binary bytes that no input claims")],
+    [
+        (10, b"", "does not fit the 8 binary bytes"),
+        (4, b"", "shape [2] of FP32 needs 8 bytes, binary_data_size is 4"),
+        (8, b"xx", "2 binary bytes that no input claims"),
+    ],
 )
 def test_binary_size_mismatches(size: int, extra: bytes, message: str) -> None:
-    header = body([{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": size}}])
+    header = body(
+        [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": size}}]
+    )
     payload = header + np.zeros(2, np.float32).tobytes() + extra
     if size == 4:
         payload = header + np.zeros(1, np.float32).tobytes()
@@ -114,13 +182,19 @@ def _req(**inputs: tuple[np.ndarray, str]) -> InferRequest:
 def test_validation_names_input_model_expected_and_received_shape() -> None:
     with pytest.raises(InvalidInput) as info:
         validate_inputs(_req(pixels=(np.zeros((3, 64), np.float32), "FP32")), SPEC, "digits-cnn")
-    assert str(info.value) == "input 'pixels' of model 'digits-cnn': expected shape [-1, 1, 8, 8], got [3, 64]"
+    assert (
+        str(info.value)
+        == "input 'pixels' of model 'digits-cnn': expected shape [-1, 1, 8, 8], got [3, 64]"
+    )
 
 
 def test_validation_datatype_and_names() -> None:
     with pytest.raises(InvalidInput, match="expected datatype FP32, got FP64"):
         validate_inputs(_req(pixels=(np.zeros((1, 1, 8, 8)), "FP64")), SPEC, "m")
-    with pytest.raises(InvalidInput, match=r"expects inputs \['pixels'\]; missing \['pixels'\]; unknown \['image'\]"):
+    with pytest.raises(
+        InvalidInput,
+        match=r"expects inputs \['pixels'\]; missing \['pixels'\]; unknown \['image'\]",
+    ):
         validate_inputs(_req(image=(np.zeros((1, 1, 8, 8), np.float32), "FP32")), SPEC, "m")
 
 
@@ -158,12 +232,29 @@ def test_encode_json_and_binary_outputs() -> None:
 
 
 def test_output_selection() -> None:
-    req = decode_request(body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
-                              outputs=[{"name": "b", "parameters": {"binary_data": True}}]))
+    req = decode_request(
+        body(
+            [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+            outputs=[{"name": "b", "parameters": {"binary_data": True}}],
+        )
+    )
     assert select_outputs(req, ["a", "b"], "m") == [RequestedOutput("b", True)]
-    everything = decode_request(body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
-                                     parameters={"binary_data_output": True}))
-    assert select_outputs(everything, ["a", "b"], "m") == [RequestedOutput("a", True), RequestedOutput("b", True)]
-    wrong = decode_request(body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "c"}]))
-    with pytest.raises(InvalidInput, match=r"model 'm' has outputs \['a', 'b'\]; requested unknown \['c'\]"):
+    everything = decode_request(
+        body(
+            [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+            parameters={"binary_data_output": True},
+        )
+    )
+    assert select_outputs(everything, ["a", "b"], "m") == [
+        RequestedOutput("a", True),
+        RequestedOutput("b", True),
+    ]
+    wrong = decode_request(
+        body(
+            [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "c"}]
+        )
+    )
+    with pytest.raises(
+        InvalidInput, match=r"model 'm' has outputs \['a', 'b'\]; requested unknown \['c'\]"
+    ):
         select_outputs(wrong, ["a", "b"], "m")

@@ -1,0 +1,109 @@
+"""The one module that defines slimserve's Prometheus metrics.
+
+Metrics are created on first use, never at import time: BentoML switches prometheus_client to
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR) when its workers start, and a metric created before
+that would be invisible on ``/metrics`` (BentoML issue 5056, kserve issue 2979). Labels are
+model, version and variant of *known* models only, so an unknown URL can never add a series.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["ServingMetrics", "metrics", "LATENCY_BUCKETS", "UNKNOWN_MODEL"]
+
+#: 50 µs .. 10 s
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: the one label value used for requests that name a model the server does not have
+UNKNOWN_MODEL = "_unknown"
+_LABELS = ("model", "version", "variant")
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "slimserve_requests_total",
+            "Inference requests by outcome (success, invalid_input, not_found, too_large, "
+            "overloaded, not_ready, error).",
+            [*_LABELS, "outcome"],
+        )
+        self.request_duration = Histogram(
+            "slimserve_request_duration_seconds",
+            "Time from receiving an inference request to its response.",
+            _LABELS,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.queue_duration = Histogram(
+            "slimserve_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            _LABELS,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.compute_duration = Histogram(
+            "slimserve_compute_duration_seconds",
+            "Duration of one onnxruntime run (one batch).",
+            _LABELS,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "slimserve_batch_size_samples",
+            "Samples per onnxruntime run.",
+            _LABELS,
+            buckets=BATCH_BUCKETS,
+        )
+        self.samples = Counter(
+            "slimserve_inference_samples_total",
+            "Samples inferred (inference count).",
+            _LABELS,
+        )
+        self.executions = Counter(
+            "slimserve_batch_executions_total",
+            "onnxruntime runs (execution count); samples / executions is the mean batch size.",
+            _LABELS,
+        )
+        self.in_flight = Gauge(
+            "slimserve_requests_in_flight",
+            "Inference requests being served now (pending).",
+            _LABELS,
+            multiprocess_mode="livesum",
+        )
+        self.load_seconds = Gauge(
+            "slimserve_model_load_seconds",
+            "Time onnxruntime took to load the model.",
+            _LABELS,
+            multiprocess_mode="max",
+        )
+        self.model_info = Gauge(
+            "slimserve_model_info",
+            "1 for each loaded model, labelled with the execution provider in use; 0 when it "
+            "failed to load.",
+            [*_LABELS, "provider"],
+            multiprocess_mode="max",
+        )
+
+
+@cache
+def metrics() -> ServingMetrics:
+    """The metrics, created on the first call (after BentoML set up multiprocess mode)."""
+    return ServingMetrics()
