@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from .batcher import BatchObserver, DynamicBatcher
 from .errors import ModelNotFound, ModelNotReady
 from .metrics import metrics
+from .protocol import InferRequest, validate_inputs
 from .repository import Manifest, ModelRepository, RepositoryError
 from .runtime import ModelLoadError, OrtSession, RuntimeOptions
 from .settings import Settings
@@ -126,6 +129,15 @@ class ModelStore:
                 self.settings.retry_after_s,
             )
         return model
+
+    async def infer(self, model: LoadedModel, request: InferRequest) -> dict[str, np.ndarray]:
+        """validate -> batch -> onnxruntime: the one way every endpoint runs a model."""
+        assert model.session is not None and model.batcher is not None
+        samples = validate_inputs(request, model.session.inputs, model.name)
+        outputs = await model.batcher.infer(
+            request.inputs, samples, self.settings.request_timeout_s
+        )
+        return dict(zip(model.session.output_names, outputs, strict=True))
 
     async def close(self) -> None:
         for model in self.models.values():

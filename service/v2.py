@@ -30,7 +30,6 @@ from .protocol import (
     dumps,
     encode_response,
     select_outputs,
-    validate_inputs,
 )
 
 __all__ = ["V2App", "PLATFORM", "EXTENSIONS"]
@@ -183,12 +182,8 @@ class V2App:
         body = await _read_body(headers, receive, self.settings.max_body_bytes)
         header_length = headers.get(HEADER_LENGTH.encode())
         request = decode_request(body, header_length.decode() if header_length else None)
-        samples = validate_inputs(request, model.session.inputs, name)
         wanted = select_outputs(request, model.session.output_names, name)
-        outputs = await model.batcher.infer(
-            request.inputs, samples, self.settings.request_timeout_s
-        )
-        values = dict(zip(model.session.output_names, outputs, strict=True))
+        values = await self.store.infer(model, request)
         payload, extra = encode_response(name, str(model.version), request, wanted, values)
         return payload, 200, extra
 

@@ -1,0 +1,180 @@
+"""Plain-JSON endpoints for people who do not speak v2: classify, regress, generate, transform.
+
+Each takes a model name and rows of numbers, runs the model the one way every endpoint does
+(:meth:`ModelStore.infer`: validate -> batch -> onnxruntime) and answers in the task's terms.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+
+from .datatypes import from_numpy, to_numpy
+from .errors import InvalidInput
+from .models import LoadedModel, ModelStore
+from .protocol import InferRequest
+
+__all__ = ["classify", "regress", "transform", "generate", "png_base64", "MAX_GENERATE"]
+
+MAX_GENERATE = 1024
+
+
+def _single_input(model: LoadedModel, rows: list[list[float]]) -> InferRequest:
+    """Rows of features -> the model's one input, reshaped to its declared shape."""
+    assert model.session is not None
+    if len(model.session.inputs) != 1:
+        names = [t.name for t in model.session.inputs]
+        raise InvalidInput(
+            f"model '{model.name}' takes several inputs {names}; use the v2 infer endpoint"
+        )
+    spec = model.session.inputs[0]
+    if not rows:
+        raise InvalidInput(f"'rows' for model '{model.name}': expected at least one row")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise InvalidInput(
+            f"'rows' for model '{model.name}': rows have different lengths {sorted(widths)}"
+        )
+    per_row = list(spec.shape[1:])
+    expected = int(np.prod(per_row)) if per_row and -1 not in per_row else None
+    width = widths.pop()
+    if expected is not None and width != expected:
+        raise InvalidInput(
+            f"'rows' for model '{model.name}': expected {expected} numbers per row "
+            f"(input '{spec.name}' has shape {list(spec.shape)}), got {width}"
+        )
+    x = np.asarray(rows, dtype=np.float64)
+    shape = (len(rows), *per_row) if expected is not None else x.shape
+    array = x.astype(to_numpy(spec.datatype)).reshape(shape)
+    return InferRequest({spec.name: array}, {spec.name: spec.datatype})
+
+
+def _check_task(model: LoadedModel, endpoint: str, tasks: tuple[str, ...]) -> None:
+    task = model.manifest.task if model.manifest else "unknown"
+    if task not in (*tasks, "unknown"):
+        raise InvalidInput(
+            f"model '{model.name}' is a {task} model; /{endpoint} serves {', '.join(tasks)} models"
+        )
+
+
+def _answer(model: LoadedModel, **body: Any) -> dict[str, Any]:
+    return {"model": model.name, "version": str(model.version), **body}
+
+
+async def classify(
+    store: ModelStore, name: str, rows: list[list[float]], top_k: int = 1
+) -> dict[str, Any]:
+    """Labels with probabilities, best first (``top_k`` of them per row)."""
+    model = store.ready_model(name)
+    _check_task(model, "classify", ("classification",))
+    outputs = await store.infer(model, _single_input(model, rows))
+    probabilities = outputs.get("probabilities")
+    if probabilities is None or probabilities.ndim != 2:
+        raise InvalidInput(
+            f"model '{name}' has no 'probabilities' output [-1, classes] to classify with"
+        )
+    labels = (model.manifest.labels if model.manifest else None) or [
+        str(i) for i in range(probabilities.shape[1])
+    ]
+    k = max(1, min(top_k, probabilities.shape[1]))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    predictions = []
+    for row, idx in zip(probabilities, order, strict=True):
+        ranked = [{"label": labels[i], "probability": float(row[i])} for i in idx]
+        predictions.append({**ranked[0], "top_k": ranked})
+    return _answer(model, predictions=predictions)
+
+
+async def regress(store: ModelStore, name: str, rows: list[list[float]]) -> dict[str, Any]:
+    """One value per row (a list per row for multi-target models)."""
+    model = store.ready_model(name)
+    _check_task(model, "regress", ("regression",))
+    outputs = await store.infer(model, _single_input(model, rows))
+    values = next(iter(outputs.values()))
+    flat = values.reshape(len(rows), -1)
+    return _answer(model, values=flat[:, 0].tolist() if flat.shape[1] == 1 else flat.tolist())
+
+
+async def transform(store: ModelStore, name: str, rows: list[list[float]]) -> dict[str, Any]:
+    """Every output of an embedding, PCA, encoder, autoencoder or clustering model, per row."""
+    model = store.ready_model(name)
+    _check_task(
+        model, "transform", ("dimensionality_reduction", "encoding", "clustering", "reconstruction")
+    )
+    outputs = await store.infer(model, _single_input(model, rows))
+    body = {k: v.tolist() for k, v in outputs.items()}
+    if model.manifest and model.manifest.task == "clustering" and "label" in outputs:
+        body["cluster"] = body.pop("label")
+    return _answer(model, outputs=body)
+
+
+async def generate(
+    store: ModelStore,
+    name: str,
+    n: int = 1,
+    seed: int = 0,
+    labels: list[int] | None = None,
+    image_format: str = "array",
+    scale: int = 8,
+) -> dict[str, Any]:
+    """``n`` samples from a generator, seeded: the same seed gives the same samples."""
+    model = store.ready_model(name)
+    _check_task(model, "generate", ("generation",))
+    assert model.session is not None
+    if not 1 <= n <= MAX_GENERATE:
+        raise InvalidInput(f"'n': expected 1..{MAX_GENERATE} samples, got {n}")
+    if image_format not in ("array", "png"):
+        raise InvalidInput(f"'format': expected 'array' or 'png', got {image_format!r}")
+    if not 1 <= scale <= 32:
+        raise InvalidInput(f"'scale': expected 1..32, got {scale}")
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, np.ndarray] = {}
+    for spec in model.session.inputs:
+        dims = list(spec.shape[1:])
+        if -1 in dims:
+            raise InvalidInput(f"model '{name}': input '{spec.name}' has no fixed size to sample")
+        if spec.datatype == "INT64":  # the class to draw (conditional generators)
+            wanted = labels if labels is not None else [i % 10 for i in range(n)]
+            if len(wanted) != n:
+                raise InvalidInput(
+                    f"'labels': expected {n} values (one per sample), got {len(wanted)}"
+                )
+            inputs[spec.name] = np.asarray(wanted, dtype=np.int64).reshape(n, *dims)
+        else:
+            inputs[spec.name] = rng.standard_normal((n, *dims)).astype(np.float32)
+    if labels is not None and not any(t.datatype == "INT64" for t in model.session.inputs):
+        raise InvalidInput(f"model '{name}' is not conditional: it takes no 'labels'")
+    request = InferRequest(inputs, {k: from_numpy(v.dtype) for k, v in inputs.items()})
+    outputs = await store.infer(model, request)
+    images = np.clip(next(iter(outputs.values())).reshape(n, -1), 0.0, 1.0)
+    side = int(round(np.sqrt(images.shape[1])))
+    if image_format == "png":
+        if side * side != images.shape[1]:
+            raise InvalidInput(f"model '{name}' does not output square images; use format 'array'")
+        encoded = [png_base64(img.reshape(side, side), scale) for img in images]
+        return _answer(model, seed=seed, format="png", images=encoded)
+    return _answer(model, seed=seed, format="array", images=images.tolist())
+
+
+def png_base64(image: np.ndarray, scale: int = 1) -> str:
+    """A grey-level image in [0, 1] as a base64 PNG, each pixel a ``scale`` x ``scale`` block."""
+    pixels = np.kron(np.clip(image, 0, 1), np.ones((scale, scale)))
+    data = (pixels * 255).round().astype(np.uint8)
+    height, width = data.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in data)  # filter type 0 per scanline
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+    return base64.b64encode(png).decode("ascii")
