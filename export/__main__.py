@@ -1,4 +1,4 @@
-"""``python -m export``: build the zoo into a model repository, list it, verify it."""
+"""``python -m export``: build the zoo into a model repository, import ONNX files, list, verify."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from service.repository import ModelRepository, RepositoryError
+from service.repository import TASKS, ModelRepository, RepositoryError
 
 app = typer.Typer(
     add_completion=False,
@@ -71,7 +72,7 @@ def build(
     try:
         specs = zoo.plan(only or ())
     except KeyError as exc:
-        err.print(f"[red]error:[/] {exc.args[0]}")
+        err.print(f"[red]error:[/] {escape(str(exc.args[0]))}")
         raise typer.Exit(2) from None
     repository = ModelRepository(repo)
     columns = (
@@ -98,10 +99,51 @@ def build(
             outcomes = builder.build(repository, only or (), seed, force, on_start, on_done)
         except (builder.ExportError, RepositoryError) as exc:
             progress.stop()
-            err.print(f"[red]build failed:[/] {exc}")
+            err.print(f"[red]build failed:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
     built = sum(o.status == "built" for o in outcomes)
     console.print(f"{built} built, {len(outcomes) - built} unchanged, repository {repo}")
+
+
+@app.command("import")
+def import_model(
+    path: Annotated[Path, typer.Argument(help="The ONNX file to register.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="Model name in the repository.")],
+    repo: RepoOption = Path("models"),
+    task: Annotated[str, typer.Option(help=f"One of: {', '.join(TASKS)}.")] = "unknown",
+    description: Annotated[str, typer.Option(help="A line about the model.")] = "",
+    labels: Annotated[
+        str | None, typer.Option(help="Class labels, comma-separated (e.g. cat,dog).")
+    ] = None,
+) -> None:
+    """Register an ONNX file as the next version of NAME; an identical file is skipped."""
+    from .importer import ModelImportError, import_onnx
+
+    repository = ModelRepository(repo)
+    label_list = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
+    try:
+        before = repository.versions(name)[-1]
+    except RepositoryError:
+        before = None
+    try:
+        model = import_onnx(path, name, repository, task, description, label_list)
+    except ModelImportError as exc:
+        err.print(f"[red]import failed:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    m = model.manifest
+    if model.version == before:
+        console.print(
+            f"unchanged: {escape(str(path))} is already {m.name} v{m.version} "
+            f"(same sha256 {m.fingerprint[:12]}...); nothing imported",
+            highlight=False,
+        )
+        return
+    signature = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in m.inputs)
+    console.print(
+        f"imported {escape(str(path))} as {m.name} v{m.version} into {escape(str(repo))}: "
+        f"inputs {escape(signature)}; {len(m.outputs)} output(s)",
+        highlight=False,
+    )
 
 
 @app.command("list")
@@ -149,10 +191,12 @@ def verify(
                     ort_runner(model.path / variant.file)
         except RepositoryError as exc:
             failures += 1
-            err.print(f"[red]FAIL[/] {name}: {exc}")
+            err.print(f"[red]FAIL[/] {escape(name)}: {escape(str(exc))}")
         except Exception as exc:  # onnxruntime raises its own types for unloadable graphs
             failures += 1
-            err.print(f"[red]FAIL[/] {name}: onnxruntime cannot load it: {exc}")
+            err.print(
+                f"[red]FAIL[/] {escape(name)}: onnxruntime cannot load it: {escape(str(exc))}"
+            )
         else:
             console.print(f"[green]ok[/]   {name} v{model.version}")
     raise typer.Exit(1 if failures else 0)

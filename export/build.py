@@ -27,10 +27,11 @@ from .verify import ExportError, check_parity, graph_signature, ort_runner
 __all__ = ["BuildOutcome", "fingerprint", "build_model", "build"]
 
 _CODE_ROOT = Path(__file__).resolve().parent.parent
-#: the files whose content decides what a build produces (the CLI does not)
+#: the files whose content decides what a build produces (not the CLI, not the importer)
+_NOT_BUILD_CODE = ("__main__.py", "importer.py")
 _CODE_FILES = sorted(
     [
-        *(p for p in (_CODE_ROOT / "export").glob("*.py") if p.name != "__main__.py"),
+        *(p for p in (_CODE_ROOT / "export").glob("*.py") if p.name not in _NOT_BUILD_CODE),
         _CODE_ROOT / "service" / "repository.py",
         _CODE_ROOT / "service" / "datatypes.py",
     ]

@@ -13,7 +13,6 @@ __all__ = [
     "ORT_TO_V2",
     "from_numpy",
     "to_numpy",
-    "from_ort_type",
 ]
 
 #: v2 datatype name -> numpy dtype. BF16 has no numpy dtype and BYTES are objects.
@@ -35,7 +34,8 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
 
 _NUMPY_TO_V2: dict[np.dtype, str] = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
 
-#: onnxruntime's type strings (``NodeArg.type``) -> v2 datatype name.
+#: onnxruntime's type strings (``NodeArg.type``) -> v2 datatype name, for the types slimserve
+#: serves (BF16 has no numpy dtype to decode a request into).
 ORT_TO_V2: dict[str, str] = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
@@ -49,7 +49,6 @@ ORT_TO_V2: dict[str, str] = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
-    "tensor(bfloat16)": "BF16",
     "tensor(string)": "BYTES",
 }
 
@@ -73,13 +72,3 @@ def from_numpy(dtype: np.dtype | type) -> str:
         return _NUMPY_TO_V2[dtype]
     except KeyError:
         raise KeyError(f"numpy dtype {dtype} has no v2 datatype") from None
-
-
-def from_ort_type(ort_type: str) -> str:
-    """The v2 datatype name of an onnxruntime type string such as ``tensor(float)``."""
-    try:
-        return ORT_TO_V2[ort_type]
-    except KeyError:
-        raise KeyError(
-            f"onnxruntime type {ort_type!r} is not a tensor type slimserve serves"
-        ) from None

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from .datatypes import from_ort_type
+from .datatypes import ORT_TO_V2
 from .errors import InferenceFailed, InvalidInput
 from .repository import TensorSpec
 
@@ -32,20 +32,9 @@ _OPT_LEVELS = {
 _DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 #: onnxruntime errors that mean "the input does not fit the graph" rather than a server fault
 _CLIENT_ERRORS = (ort_errors.InvalidArgument,)
-_RUN_ERRORS = (
-    ort_errors.Fail,
-    ort_errors.RuntimeException,
-    ort_errors.NotImplemented,
-    ort_errors.EPFail,
-)
-_LOAD_ERRORS = (
-    ort_errors.Fail,
-    ort_errors.InvalidGraph,
-    ort_errors.InvalidProtobuf,
-    ort_errors.NoSuchFile,
-    ort_errors.NotImplemented,
-    ort_errors.RuntimeException,
-    ort_errors.InvalidArgument,
+#: every exception class onnxruntime's bindings define (none derives from a common base)
+_ORT_ERRORS = tuple(
+    cls for cls in vars(ort_errors).values() if isinstance(cls, type) and issubclass(cls, Exception)
 )
 
 
@@ -94,19 +83,24 @@ class RuntimeOptions:
 
 
 def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs as the graph declares them; symbolic or unknown dimensions are -1."""
+    """Inputs and outputs as the graph declares them; symbolic or unknown dimensions are -1.
 
-    def specs(args: list[Any]) -> list[TensorSpec]:
-        return [
-            TensorSpec(
-                a.name,
-                from_ort_type(a.type),
-                tuple(d if isinstance(d, int) and d >= 0 else -1 for d in a.shape),
-            )
-            for a in args
-        ]
+    ``KeyError`` names an input or output whose type no v2 request or response can carry.
+    """
 
-    return specs(session.get_inputs()), specs(session.get_outputs())
+    def specs(args: list[Any], kind: str) -> list[TensorSpec]:
+        out = []
+        for a in args:
+            if a.type not in ORT_TO_V2:
+                raise KeyError(
+                    f"{kind} {a.name!r} has type {a.type}, which slimserve does not serve; "
+                    f"expected a tensor of {', '.join(sorted(ORT_TO_V2.values()))}"
+                )
+            shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in a.shape)
+            out.append(TensorSpec(a.name, ORT_TO_V2[a.type], shape))
+        return out
+
+    return specs(session.get_inputs(), "input"), specs(session.get_outputs(), "output")
 
 
 class OrtSession:
@@ -122,7 +116,10 @@ class OrtSession:
         self._session = self._open(options, wanted)
         self.load_seconds = time.perf_counter() - start
         self.provider = self._session.get_providers()[0]
-        self.inputs, self.outputs = session_signature(self._session)
+        try:
+            self.inputs, self.outputs = session_signature(self._session)
+        except KeyError as exc:  # a sequence, map or BF16 tensor: nothing a v2 request carries
+            raise ModelLoadError(f"{self.path}: {exc.args[0]}") from None
         self.output_names = [o.name for o in self.outputs]
         log.info(
             "model %s: onnxruntime %s on %s (loaded in %.0f ms)",
@@ -137,7 +134,7 @@ class OrtSession:
             return ort.InferenceSession(
                 str(self.path), options.session_options(), providers=providers
             )
-        except _LOAD_ERRORS as exc:
+        except _ORT_ERRORS as exc:
             if providers != ["CPUExecutionProvider"] and "CPUExecutionProvider" in providers:
                 log.warning(
                     "model %s: %s failed (%s); falling back to CPUExecutionProvider",
@@ -158,5 +155,5 @@ class OrtSession:
             raise InvalidInput(
                 f"model {self.label}: onnxruntime rejected the input: {exc}"
             ) from exc
-        except _RUN_ERRORS as exc:
+        except _ORT_ERRORS as exc:
             raise InferenceFailed(f"model {self.label}: inference failed: {exc}") from exc

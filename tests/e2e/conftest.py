@@ -52,8 +52,12 @@ def start_server(repo_root: Path, workdir: Path, **settings: str) -> Server:
         **{f"SLIMSERVE_{k.upper()}": v for k, v in settings.items()},
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

@@ -20,15 +20,20 @@ def test_bentoml_build_has_the_repository_and_only_serving_dependencies(
     zoo_repo: ModelRepository, tmp_path: Path
 ) -> None:
     context = tmp_path / "ctx"
-    shutil.copytree(ROOT / "service", context / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "service", context / "service", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / "bentofile.yaml", context / "bentofile.yaml")
     shutil.copytree(zoo_repo.root / "digits-cnn", context / "models" / "digits-cnn")
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).with_name("bentoml")
-    out = subprocess.run([str(bentoml), "build"], cwd=context, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [str(bentoml), "build"], cwd=context, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    (bento,) = [p for p in (tmp_path / "home" / "bentos" / "slimserve").iterdir() if p.name != "latest"]
+    (bento,) = [
+        p for p in (tmp_path / "home" / "bentos" / "slimserve").iterdir() if p.name != "latest"
+    ]
     assert (bento / "src" / "models" / "digits-cnn" / "1" / "model.onnx").is_file()
     assert (bento / "src" / "service" / "service.py").is_file()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()

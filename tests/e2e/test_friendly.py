@@ -59,11 +59,25 @@ def test_generate_is_seeded_and_encodes_png(server) -> None:
 @pytest.mark.parametrize(
     ("endpoint", "body", "status", "message"),
     [
-        ("classify", {"model": "digits-cnn", "rows": [[0.5] * 10]}, 400,
-         "expected 64 numbers per row (input 'pixels' has shape [-1, 1, 8, 8]), got 10"),
+        (
+            "classify",
+            {"model": "digits-cnn", "rows": [[0.5] * 10]},
+            400,
+            "expected 64 numbers per row (input 'pixels' has shape [-1, 1, 8, 8]), got 10",
+        ),
         ("classify", {"model": "nope", "rows": [[1.0]]}, 404, "model 'nope' is not served here"),
-        ("regress", {"model": "digits-cnn", "rows": [[0.0] * 64]}, 400, "/regress serves regression models"),
-        ("generate", {"model": "digits-gan", "n": 2, "labels": [1]}, 400, "'labels': expected 2 values"),
+        (
+            "regress",
+            {"model": "digits-cnn", "rows": [[0.0] * 64]},
+            400,
+            "/regress serves regression models",
+        ),
+        (
+            "generate",
+            {"model": "digits-gan", "n": 2, "labels": [1]},
+            400,
+            "'labels': expected 2 values",
+        ),
         ("classify", {"model": "iris-knn", "rows": [[1.0] * 4]}, 503, "is not ready"),
         ("classify", {"model": "digits-cnn", "rows": [["x"] * 64]}, 400, "validation error"),
     ],

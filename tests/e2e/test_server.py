@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
 
 from export.data import load
 from service.runtime import OrtSession
@@ -31,12 +30,16 @@ def test_health_and_metadata_through_tritonclient(client, server) -> None:
     meta = client.get_model_metadata("digits-gan")
     assert meta["platform"] == "onnxruntime_onnx"
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
-        ("noise", "FP32", [-1, 32]), ("label", "INT64", [-1])]
+        ("noise", "FP32", [-1, 32]),
+        ("label", "INT64", [-1]),
+    ]
     assert client.get_server_metadata()["name"] == "slimserve"
 
 
 @pytest.mark.parametrize("binary", [False, True])
-def test_digits_accuracy_over_tritonclient_equals_the_manifest(client, server, binary: bool) -> None:
+def test_digits_accuracy_over_tritonclient_equals_the_manifest(
+    client, server, binary: bool
+) -> None:
     ds = load("digits")
     x = ds.x_test.reshape(-1, 1, 8, 8)
     labels = []
@@ -59,20 +62,29 @@ def test_two_inputs_int64_and_binary_output(client, server) -> None:
     inputs = [triton.InferInput("noise", [4, 32], "FP32"), triton.InferInput("label", [4], "INT64")]
     inputs[0].set_data_from_numpy(noise, binary_data=True)
     inputs[1].set_data_from_numpy(label, binary_data=False)
-    result = client.infer("digits-gan", inputs, outputs=[triton.InferRequestedOutput("image", binary_data=True)])
+    result = client.infer(
+        "digits-gan", inputs, outputs=[triton.InferRequestedOutput("image", binary_data=True)]
+    )
     local = OrtSession(server.repo.get("digits-gan").variant_path(), "local")
-    assert np.allclose(result.as_numpy("image"), local.run({"noise": noise, "label": label})[0], atol=1e-6)
+    assert np.allclose(
+        result.as_numpy("image"), local.run({"noise": noise, "label": label})[0], atol=1e-6
+    )
 
 
 def test_concurrent_clients_with_mixed_batch_sizes(server) -> None:
     ds = load("digits")
     local = OrtSession(server.repo.get("digits-pca").variant_path(), "local")
     rng = np.random.default_rng(2)
-    batches = [ds.x_test[rng.integers(0, len(ds.x_test), int(rng.integers(1, 12)))] for _ in range(160)]
+    batches = [
+        ds.x_test[rng.integers(0, len(ds.x_test), int(rng.integers(1, 12)))] for _ in range(160)
+    ]
 
     def call(x: np.ndarray):
-        body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32",
-                            "data": x.tolist()}]}
+        body = {
+            "inputs": [
+                {"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}
+            ]
+        }
         return httpx.post(f"{server.url}/v2/models/digits-pca/infer", json=body, timeout=30)
 
     with ThreadPoolExecutor(32) as pool:
@@ -87,18 +99,67 @@ def test_concurrent_clients_with_mixed_batch_sizes(server) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "message"),
     [
-        ("post", "/v2/models/nope/infer", {"json": {"inputs": []}}, 404, "model 'nope' is not served here"),
+        (
+            "post",
+            "/v2/models/nope/infer",
+            {"json": {"inputs": []}},
+            404,
+            "model 'nope' is not served here",
+        ),
         ("get", "/v2/models/nope", {}, 404, "model 'nope' is not served here"),
-        ("post", "/v2/models/digits-cnn/infer", {"content": b"{"}, 400, "request body is not valid JSON"),
-        ("post", "/v2/models/digits-cnn/infer",
-         {"json": {"inputs": [{"name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": [0] * 192}]}},
-         400, "input 'pixels' of model 'digits-cnn': expected shape [-1, 1, 8, 8], got [3, 64]"),
-        ("post", "/v2/models/digits-cnn/infer",
-         {"json": {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]}},
-         400, "expected datatype FP32, got INT64"),
-        ("post", "/v2/models/iris-knn/infer", {"json": {"inputs": []}}, 503, "model 'iris-knn' version 1 is not ready"),
+        (
+            "post",
+            "/v2/models/digits-cnn/infer",
+            {"content": b"{"},
+            400,
+            "request body is not valid JSON",
+        ),
+        (
+            "post",
+            "/v2/models/digits-cnn/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {"name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": [0] * 192}
+                    ]
+                }
+            },
+            400,
+            "input 'pixels' of model 'digits-cnn': expected shape [-1, 1, 8, 8], got [3, 64]",
+        ),
+        (
+            "post",
+            "/v2/models/digits-cnn/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "shape": [1, 1, 8, 8],
+                            "datatype": "INT64",
+                            "data": [0] * 64,
+                        }
+                    ]
+                }
+            },
+            400,
+            "expected datatype FP32, got INT64",
+        ),
+        (
+            "post",
+            "/v2/models/iris-knn/infer",
+            {"json": {"inputs": []}},
+            503,
+            "model 'iris-knn' version 1 is not ready",
+        ),
         ("get", "/v2/models/iris-knn/ready", {}, 503, "sha256"),
-        ("post", "/v2/models/digits-cnn/infer", {"content": b"x" * 2_100_000}, 413, "over the limit of 2000000"),
+        (
+            "post",
+            "/v2/models/digits-cnn/infer",
+            {"content": b"x" * 2_100_000},
+            413,
+            "over the limit of 2000000",
+        ),
     ],
 )
 def test_errors_over_http(server, method, path, kwargs, status, message) -> None:
@@ -126,9 +187,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_metrics_count_requests_and_samples(server) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     x = load("diabetes").x_test[:3]
-    body = {"inputs": [{"name": "features", "shape": [3, 10], "datatype": "FP32", "data": x.tolist()}]}
+    body = {
+        "inputs": [{"name": "features", "shape": [3, 10], "datatype": "FP32", "data": x.tolist()}]
+    }
     for _ in range(7):
-        assert httpx.post(f"{server.url}/v2/models/diabetes-linear/infer", json=body).status_code == 200
+        assert (
+            httpx.post(f"{server.url}/v2/models/diabetes-linear/infer", json=body).status_code
+            == 200
+        )
     bad = {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
     assert httpx.post(f"{server.url}/v2/models/diabetes-linear/infer", json=bad).status_code == 400
     httpx.post(f"{server.url}/v2/models/no-such-model-xyz/infer", json=body)
@@ -144,7 +210,10 @@ def test_metrics_count_requests_and_samples(server) -> None:
     assert delta("slimserve_request_duration_seconds_count") == 7
     assert delta("slimserve_queue_duration_seconds_count") == 7
     assert 1 <= delta("slimserve_batch_executions_total") <= 7
-    assert _metric(after, "slimserve_model_info", model="digits-cnn", provider="CPUExecutionProvider") == 1
+    assert (
+        _metric(after, "slimserve_model_info", model="digits-cnn", provider="CPUExecutionProvider")
+        == 1
+    )
     assert _metric(after, "slimserve_model_info", model="iris-knn", provider="none") == 0
     assert "no-such-model-xyz" not in after  # unknown names never become series
     assert re.search(r'slimserve_requests_total\{.*model="_unknown".*outcome="not_found"', after)
