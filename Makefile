@@ -18,6 +18,7 @@ help:
 	@echo "make models   build the zoo into $(REPO)/ (python -m export build)"
 	@echo "make list     show the model repository (python -m export list)"
 	@echo "make verify   check hashes and that onnxruntime loads every model"
+	@echo "make bench    serving benchmark against a minimal FastAPI server (about 3 min)"
 	@echo "make lint     ruff"
 
 $(PY):
@@ -58,7 +59,12 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check service export tests
 
-bench loadtest batch:
+# Serving benchmark: slimserve against a minimal FastAPI + uvicorn + onnxruntime server on the
+# same models, started and stopped by the harness; results in loadtest/results/<UTC time>/.
+bench: install
+	$(PY) -m loadtest.bench_serving $(BENCH_ARGS)
+
+loadtest batch:
 	@echo "make $@: not built yet (see README, 'Status')" >&2; exit 1
 
 clean:

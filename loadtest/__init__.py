@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of the running server (``make bench``); never imported by service/."""

@@ -1,0 +1,86 @@
+"""``python -m loadtest.bench_serving`` end to end, with tiny cells: it runs, writes well-formed
+results, and leaves no server behind. Nothing here is about speed (that is ``make bench``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CELLS = {
+    ("slimserve", "digits-cnn/json/b1/c1"),
+    ("fastapi", "digits-cnn/json/b1/c1"),
+    ("slimserve", "digits-cnn/json/b1/c64"),
+    ("fastapi", "digits-cnn/json/b1/c64"),
+    ("slimserve", "mlp-2048/json/b1/c64"),
+    ("fastapi", "mlp-2048/json/b1/c64"),
+    ("slimserve", "mlp-2048/binary/b32/c8"),
+}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == create_time and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "loadtest.bench_serving", "--quick", "--skip-startup"]
+    cmd += ["--cell-seconds", "0.5", "--warmup-seconds", "0.2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
+    _, doc = bench
+    assert {(c["server"], c["id"]) for c in doc["cells"]} == CELLS
+    for cell in doc["cells"]:
+        m = cell["median"]
+        assert m["req_per_s"] > 0, cell["id"]
+        assert m["ok"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"], cell["id"]
+        assert all(isinstance(v, int) and v > 0 for v in m["errors"].values()), m["errors"]
+        assert m["requests"] == m["ok"] + sum(m["errors"].values()), cell["id"]
+        for run in cell["runs"]:
+            assert run["requests"] == run["ok"] + sum(run["errors"].values())
+            assert "200" not in run["errors"]
+    assert doc["ceiling"]["samples_per_s"] > 0
+    assert doc["startup"] == {"skipped": "--skip-startup"}
+    assert doc["headline"]["binary_percent_of_ceiling"] > 0
+
+
+def test_markdown_report_has_the_table_and_headline(bench) -> None:
+    out, doc = bench
+    text = (out / "results.md").read_text()
+    assert "| cell | server | req/s |" in text
+    assert "## Headline" in text
+    assert text.count("| slimserve |") == 4 and text.count("| fastapi |") == 3
+
+
+def test_no_server_is_left_behind(bench) -> None:
+    _, doc = bench
+    kinds = [s["kind"] for s in doc["servers"]]
+    assert sorted(kinds) == ["fastapi", "fastapi", "slimserve"]
+    for server in doc["servers"]:
+        assert server["left_behind"] == []
+        assert server["pids"], server
+        assert not [p for p in server["pids"] if _alive(p["pid"], p["create_time"])], server
+        assert not _listening(server["port"]), server
