@@ -87,3 +87,15 @@ def random_feeds(specs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need onnxruntime's CUDA provider; skip them where it is absent."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime's CUDAExecutionProvider (no GPU here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
