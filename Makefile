@@ -19,6 +19,7 @@ help:
 	@echo "make list     show the model repository (python -m export list)"
 	@echo "make verify   check hashes and that onnxruntime loads every model"
 	@echo "make bench    serving benchmark against a minimal FastAPI server (about 3 min)"
+	@echo "make loadtest Locust against a running server (SCENARIO, USERS, RUN_TIME, URL)"
 	@echo "make lint     ruff"
 
 $(PY):
@@ -64,7 +65,20 @@ lint: install
 bench: install
 	$(PY) -m loadtest.bench_serving $(BENCH_ARGS)
 
-loadtest batch:
+# Locust, headless and bounded, against a running server (make serve in another shell):
+#   make loadtest SCENARIO=MixedUser USERS=16 RUN_TIME=30s URL=http://127.0.0.1:3000
+SCENARIO ?= MixedUser
+USERS    ?= 16
+RUN_TIME ?= 30s
+URL      ?= http://127.0.0.1:3000
+loadtest: install
+	@out=loadtest/results/locust-$$(date -u +%Y%m%dT%H%M%SZ); mkdir -p $$out; \
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -u $(USERS) -r $(USERS) \
+		-t $(RUN_TIME) -H $(URL) --csv $$out/locust --html $$out/report.html \
+		--only-summary $(LOCUST_ARGS) $(SCENARIO); \
+	echo "results in $$out"
+
+batch:
 	@echo "make $@: not built yet (see README, 'Status')" >&2; exit 1
 
 clean:

@@ -1,0 +1,152 @@
+"""Locust scenarios for a running slimserve; payloads are rows of the real test splits.
+
+Scenarios (pick one or more by class name):
+
+- ``V2JsonUser``: one digit per v2 JSON request to digits-cnn.
+- ``V2BinaryUser``: 32 digits per request with Triton's binary tensor extension.
+- ``FriendlyUser``: the plain-JSON endpoints (classify, regress, transform, generate).
+- ``MixedUser``: v2 JSON across several models at once (``--models``).
+
+``make loadtest`` runs one headless, bounded in users and time (see the Makefile), e.g.
+``locust -f loadtest/locustfile.py --headless -u 16 -t 30s -H http://127.0.0.1:3000 MixedUser``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import orjson
+from locust import FastHttpUser, between, events, task
+
+from export.data import load
+
+__all__ = ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser", "PAYLOADS"]
+
+#: model -> (dataset, input name, per-sample shape), for the zoo models a scenario may call
+PAYLOADS: dict[str, tuple[str, str, list[int]]] = {
+    "digits-cnn": ("digits", "pixels", [1, 8, 8]),
+    "digits-mlp": ("digits", "pixels", [64]),
+    "digits-logreg": ("digits", "pixels", [64]),
+    "digits-svc": ("digits", "pixels", [64]),
+    "digits-pca": ("digits", "pixels", [64]),
+    "digits-kmeans": ("digits", "pixels", [64]),
+    "diabetes-linear": ("diabetes", "features", [10]),
+    "diabetes-svr": ("diabetes", "features", [10]),
+    "diabetes-random-forest": ("diabetes", "features", [10]),
+    "iris-knn": ("iris", "features", [4]),
+    "wine-decision-tree": ("wine", "features", [13]),
+    "breast-cancer-random-forest": ("breast-cancer", "features", [30]),
+}
+DEFAULT_MIXED = "digits-cnn,digits-mlp,diabetes-svr,iris-knn,wine-decision-tree,digits-pca"
+
+
+@events.init_command_line_parser.add_listener
+def _arguments(parser) -> None:
+    parser.add_argument("--models", default=DEFAULT_MIXED,
+                        help="Comma-separated models for MixedUser (from the zoo).")
+
+
+def _rows(model: str) -> np.ndarray:
+    dataset, _, shape = PAYLOADS[model]
+    return load(dataset).x_test.reshape(-1, *shape)
+
+
+def _json_body(model: str, x: np.ndarray) -> bytes:
+    _, name, _ = PAYLOADS[model]
+    return orjson.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                     "data": x.ravel().tolist()}]})
+
+
+class _Slimserve(FastHttpUser):
+    abstract = True
+    wait_time = between(0, 0.002)
+
+    def infer(self, model: str, body: bytes, headers: dict[str, str] | None = None,
+              samples: int = 1) -> None:
+        with self.client.post(f"/v2/models/{model}/infer", data=body, name=f"v2 infer {model}",
+                              headers={"content-type": "application/json", **(headers or {})},
+                              catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+            elif "inference-header-content-length" not in r.headers:
+                outputs = orjson.loads(r.content)["outputs"]
+                if outputs[0]["shape"][0] != samples:
+                    r.failure(f"expected {samples} rows back, got {outputs[0]['shape']}")
+
+
+class V2JsonUser(_Slimserve):
+    def on_start(self) -> None:
+        self.x = _rows("digits-cnn")
+
+    @task
+    def one_digit(self) -> None:
+        i = random.randrange(len(self.x))
+        self.infer("digits-cnn", _json_body("digits-cnn", self.x[i : i + 1]))
+
+
+class V2BinaryUser(_Slimserve):
+    def on_start(self) -> None:
+        self.x = _rows("digits-cnn")
+
+    @task
+    def thirty_two_digits(self) -> None:
+        i = random.randrange(len(self.x) - 32)
+        x = np.ascontiguousarray(self.x[i : i + 32])
+        header = orjson.dumps({
+            "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+        })
+        self.infer("digits-cnn", header + x.tobytes(),
+                   {"Inference-Header-Content-Length": str(len(header)),
+                    "content-type": "application/octet-stream"}, samples=32)
+
+
+class FriendlyUser(_Slimserve):
+    def on_start(self) -> None:
+        self.digits = load("digits").x_test
+        self.diabetes = load("diabetes").x_test
+
+    def _post(self, endpoint: str, body: dict) -> None:
+        with self.client.post(f"/{endpoint}", json=body, name=endpoint, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+
+    @task(3)
+    def classify(self) -> None:
+        i = random.randrange(len(self.digits))
+        self._post("classify", {"model": "digits-cnn", "rows": self.digits[i : i + 1].tolist(),
+                                "top_k": 3})
+
+    @task(2)
+    def regress(self) -> None:
+        i = random.randrange(len(self.diabetes))
+        rows = self.diabetes[i : i + 1].tolist()
+        self._post("regress", {"model": "diabetes-linear", "rows": rows})
+
+    @task(2)
+    def transform(self) -> None:
+        i = random.randrange(len(self.digits))
+        self._post("transform", {"model": "digits-pca", "rows": self.digits[i : i + 1].tolist()})
+
+    @task(1)
+    def generate(self) -> None:
+        self._post("generate", {"model": "digits-gan", "n": 4, "seed": random.randrange(1000),
+                                "format": "png"})
+
+
+class MixedUser(_Slimserve):
+    def on_start(self) -> None:
+        names = [m.strip() for m in self.environment.parsed_options.models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in PAYLOADS]
+        if unknown:
+            raise ValueError(f"--models: no payload for {unknown}; known: {sorted(PAYLOADS)}")
+        self.rows = {m: _rows(m) for m in names}
+
+    @task
+    def any_model(self) -> None:
+        model = random.choice(list(self.rows))
+        x = self.rows[model]
+        i = random.randrange(len(x))
+        self.infer(model, _json_body(model, x[i : i + 1]))
