@@ -18,7 +18,7 @@ help:
 	@echo "make models   build the zoo into $(REPO)/ (python -m export build)"
 	@echo "make list     show the model repository (python -m export list)"
 	@echo "make verify   check hashes and that onnxruntime loads every model"
-	@echo "make bench    serving benchmark against a minimal FastAPI server (about 3 min)"
+	@echo "make bench    serving benchmark: slimserve vs FastAPI and plain BentoML (about 7 min)"
 	@echo "make loadtest Locust against a running server (SCENARIO, USERS, RUN_TIME, URL)"
 	@echo "make lint     ruff"
 

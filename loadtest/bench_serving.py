@@ -1,14 +1,16 @@
-"""slimserve against a FastAPI + onnxruntime baseline, on this machine, with real v2 clients.
+"""slimserve against FastAPI and plain BentoML baselines, on this machine, with real clients.
 
 ``python -m loadtest.bench_serving [--quick] [--out DIR]`` builds a small model repository
-(the digits CNN and a 784-2048-2048-10 MLP), then, for each repeat, starts slimserve and runs
-every cell against it, stops it, and does the same with the FastAPI baseline (one process per
-model). Only one server runs at a time. Load is closed-loop: ``concurrency`` asyncio clients,
-each sending its next request when the previous one answered, for a fixed time after a warm-up.
+(the digits CNN and a 784-2048-2048-10 MLP), then, for each repeat, starts each server in turn
+(the order rotates between repeats) and runs its cells: a concurrency sweep of one-sample JSON
+requests per model against slimserve, the FastAPI baseline and BentoML without and with adaptive
+batching (one baseline process per model), and 32-sample binary requests against slimserve.
+Only one server runs at a time. Load is closed-loop: ``concurrency`` asyncio clients, each
+sending its next request when the previous one answered, for a fixed time after a warm-up.
 Per cell it records req/s, latency percentiles, errors by status, the server process tree's CPU
 and RSS and the client's own CPU. It also measures onnxruntime's in-process ceiling for the
 binary MLP cell and slimserve's start-to-ready time with a whole zoo. Results go to
-``results.json`` and ``results.md`` in ``--out``.
+``results.json``, ``results.md`` and two PNG plots in ``--out``.
 
 The client shares the machine with the server: on 2 cores its CPU is reported, not removed.
 """
@@ -51,7 +53,14 @@ CNN, MLP = "digits-cnn", "mlp-2048"
 MLP_SHAPE = (784, 2048, 2048, 10)
 BINARY_BATCH = 32
 SLIMSERVE, FASTAPI = "slimserve", "fastapi"
+BENTOML_PLAIN, BENTOML_BATCHED = "bentoml-plain", "bentoml-batched"
+SERVERS = (SLIMSERVE, FASTAPI, BENTOML_PLAIN, BENTOML_BATCHED)
+BENTOML_SERVICES = {BENTOML_PLAIN: "Plain", BENTOML_BATCHED: "Batched"}
+CONCURRENCY = (1, 4, 16, 64, 128)
+QUICK_CONCURRENCY = (1, 16, 64)
+HEADLINE_CONCURRENCY = 64
 READY_PATH = "/v2/health/ready"
+START_SECONDS_ESTIMATE = {SLIMSERVE: 6.0, FASTAPI: 3.0, BENTOML_PLAIN: 4.0, BENTOML_BATCHED: 4.0}
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "models"  # the default repository
 
 app = typer.Typer(add_completion=False, help=__doc__.splitlines()[0])
@@ -161,6 +170,7 @@ class ServerProcess:
     env: dict[str, str]
     port: int
     log: Path
+    ready_path: str = READY_PATH
     process: subprocess.Popen | None = None
     started_at: float = 0.0
     ready_seconds: float = 0.0
@@ -191,7 +201,7 @@ class ServerProcess:
                         f"{self.kind} exited with {self.process.returncode}:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + READY_PATH).status_code == 200:
+                    if client.get(self.url + self.ready_path).status_code == 200:
                         self.ready_seconds = time.perf_counter() - self.started_at
                         self._remember_tree()
                         return self
@@ -229,9 +239,8 @@ class ServerProcess:
         for p in self.tree():
             with contextlib.suppress(psutil.Error):
                 procs.append((p.pid, " ".join(p.cmdline()), p.memory_info().rss))
-        if self.kind == SLIMSERVE:
-            workers = [rss for _, cmd, rss in procs if "worker" in cmd]
-        else:
+        workers = [rss for _, cmd, rss in procs if "worker" in cmd]  # BentoML's workers
+        if self.kind == FASTAPI or not workers:
             workers = [rss for _, _, rss in procs]
         mib = 1024 * 1024
         return {
@@ -308,6 +317,27 @@ def fastapi_baseline(repo: Path, model: str, log: Path) -> ServerProcess:
     return ServerProcess(FASTAPI, model, cmd, dict(os.environ), port, log)
 
 
+def bentoml_baseline(repo: Path, model: str, kind: str, work: Path, log: Path) -> ServerProcess:
+    """``bentoml serve`` of ``loadtest.baselines.bentoml_service`` (Plain or Batched)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENCH_MODEL_PATH": str(ModelRepository(repo).get(model).variant_path()),
+        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-", dir=work),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    target = f"loadtest.baselines.bentoml_service:{BENTOML_SERVICES[kind]}"
+    cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", target]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    return ServerProcess(kind, model, cmd, env, port, log, ready_path="/readyz")
+
+
+def infer_url(server: ServerProcess, model: str) -> str:
+    if server.kind in BENTOML_SERVICES:
+        return f"{server.url}/predict"
+    return f"{server.url}/v2/models/{model}/infer"
+
+
 # --------------------------------------------------------------------------------------------
 # requests
 
@@ -318,19 +348,19 @@ class Cell:
     encoding: str  # "json" or "binary"
     concurrency: int
     samples_per_request: int = 1
-    servers: tuple[str, ...] = (SLIMSERVE, FASTAPI)
+    servers: tuple[str, ...] = SERVERS
 
     @property
     def id(self) -> str:
         return f"{self.model}/{self.encoding}/b{self.samples_per_request}/c{self.concurrency}"
 
 
-CELLS = (
-    Cell(CNN, "json", 1),
-    Cell(CNN, "json", 64),
-    Cell(MLP, "json", 64),
-    Cell(MLP, "binary", 8, BINARY_BATCH, servers=(SLIMSERVE,)),
-)
+BINARY_CELL = Cell(MLP, "binary", 8, BINARY_BATCH, servers=(SLIMSERVE,))
+
+
+def sweep_cells(concurrency: tuple[int, ...] = CONCURRENCY) -> list[Cell]:
+    """One-sample JSON requests at each concurrency, per model, then the binary cell."""
+    return [Cell(m, "json", c) for m in (CNN, MLP) for c in concurrency] + [BINARY_CELL]
 
 
 @dataclass(frozen=True)
@@ -342,7 +372,8 @@ class Payloads:
     expect: dict[str, list[int]]  # output name -> shape, checked once before the load
 
 
-def payloads(cell: Cell, seed: int = 0) -> Payloads:
+def payloads(cell: Cell, seed: int = 0, bentoml: bool = False) -> Payloads:
+    """v2 bodies, or with ``bentoml`` the baselines' ``{"x": [...]}`` body."""
     if cell.model == CNN:
         from export.data import load
 
@@ -356,6 +387,9 @@ def payloads(cell: Cell, seed: int = 0) -> Payloads:
     n = cell.samples_per_request
     expect = {k: [n, *v[1:]] for k, v in expect.items()}
     batches = [x[i : i + n] for i in range(0, len(x) - n + 1, n)]
+    if bentoml:
+        bodies = [orjson.dumps({"x": b}, option=orjson.OPT_SERIALIZE_NUMPY) for b in batches]
+        return Payloads(bodies, {"Content-Type": "application/json"}, {"": [n, MLP_SHAPE[-1]]})
     if cell.encoding == "json":
         tensors = [
             {"name": name, "shape": list(b.shape), "datatype": "FP32", "data": b.ravel()}
@@ -402,7 +436,10 @@ def check_response(url: str, cell: Cell, load: Payloads) -> None:
             raise RuntimeError(f"{cell.id}: binary outputs of {sizes} bytes, body {len(body)}")
     else:
         doc = orjson.loads(body)
-    got = {o["name"]: o["shape"] for o in doc["outputs"]}
+    if "" in load.expect:  # BentoML: a bare (n, 10) array
+        got = {"": list(np.asarray(doc).shape)}
+    else:
+        got = {o["name"]: o["shape"] for o in doc["outputs"]}
     if got != load.expect:
         raise RuntimeError(f"{cell.id} at {url}: outputs {got}, expected {load.expect}")
 
@@ -530,6 +567,7 @@ class Options:
     startup: bool
     zoo: Path
     quick: bool
+    concurrency: tuple[int, ...] = CONCURRENCY
 
 
 def _median(values: list[float]) -> float:
@@ -559,8 +597,8 @@ def _phase(
     server.start()
     try:
         for cell in cells:
-            load = payloads(cell)
-            url = f"{server.url}/v2/models/{cell.model}/infer"
+            load = payloads(cell, bentoml=server.kind in BENTOML_SERVICES)
+            url = infer_url(server, cell.model)
             check_response(url, cell, load)
             result = asyncio.run(
                 closed_loop(
@@ -575,7 +613,7 @@ def _phase(
             )
             results[f"{server.kind}|{cell.id}"].append(result)
             print(
-                f"  {server.kind:9} {cell.id:28} {result.req_per_s:8.1f} req/s  "
+                f"  {server.kind:15} {cell.id:24} {result.req_per_s:8.1f} req/s  "
                 f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:7.2f} ms  "
                 f"errors {result.errors or '-'}",
                 flush=True,
@@ -619,6 +657,23 @@ def measure_startup(
     }
 
 
+def budget(opts: Options, cells: list[Cell]) -> dict[str, Any]:
+    """What the run should take: load time per cell and repeat, plus estimated server starts."""
+    cell_runs = sum(len(c.servers) for c in cells)
+    load_s = cell_runs * (opts.warmup_seconds + opts.cell_seconds) * opts.repeats
+    ceiling_s = (opts.warmup_seconds + opts.cell_seconds) * opts.repeats
+    starts = {SLIMSERVE: 1} | {k: 2 for k in SERVERS if k != SLIMSERVE}  # baselines: per model
+    start_s = opts.repeats * sum(n * START_SECONDS_ESTIMATE[k] for k, n in starts.items())
+    startup_s = (1 if opts.quick else 2) * 15.0 if opts.startup else 0.0
+    return {
+        "cell_runs_per_repeat": cell_runs,
+        "load_seconds": round(load_s + ceiling_s, 1),
+        "server_start_seconds_estimate": start_s,
+        "startup_seconds_estimate": startup_s,
+        "total_seconds_estimate": round(load_s + ceiling_s + start_s + startup_s + 10, 1),
+    }
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in (
@@ -641,6 +696,15 @@ def run(opts: Options) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="slimserve-bench-"))
     began = time.perf_counter()
+    plan = budget(opts, sweep_cells(opts.concurrency))
+    print(
+        f"budget: {plan['cell_runs_per_repeat']} cell runs x {opts.repeats} repeat(s) x "
+        f"({opts.warmup_seconds} + {opts.cell_seconds}) s = {plan['load_seconds']:.0f} s of load, "
+        f"about {plan['server_start_seconds_estimate']:.0f} s of server starts, "
+        f"{plan['startup_seconds_estimate']:.0f} s start-to-ready: "
+        f"about {plan['total_seconds_estimate'] / 60:.1f} min",
+        flush=True,
+    )
     doc: dict[str, Any] = {
         "meta": {
             "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -651,33 +715,46 @@ def run(opts: Options) -> dict[str, Any]:
             "warmup_seconds": opts.warmup_seconds,
             "repeats": opts.repeats,
             "quick": opts.quick,
+            "concurrency": list(opts.concurrency),
             "slimserve_env": {k: v for k, v in os.environ.items() if k.startswith("SLIMSERVE_")},
+            "budget": plan,
         }
     }
     servers: list[ServerProcess] = []
     try:
         repo = work / "models"
         doc["meta"]["models"] = build_repository(repo)
-        results: dict[str, list[LoadResult]] = {f"{s}|{c.id}": [] for c in CELLS for s in c.servers}
+        all_cells = sweep_cells(opts.concurrency)
+        results: dict[str, list[LoadResult]] = {
+            f"{s}|{c.id}": [] for c in all_cells for s in c.servers
+        }
         ceiling: list[float] = []
         mlp_path = ModelRepository(repo).get(MLP).variant_path()
+        logs = opts.out / "logs"
         for r in range(opts.repeats):
-            print(f"repeat {r + 1} of {opts.repeats}", flush=True)
-            server = slimserve(repo, work, opts.out / "logs" / f"slimserve-{r}.log")
-            servers.append(server)
-            _phase(server, [c for c in CELLS if SLIMSERVE in c.servers], opts, results)
-            ceiling.append(
-                ort_ceiling(mlp_path, BINARY_BATCH, opts.warmup_seconds, opts.cell_seconds)
-            )
-            print(f"  in-process {MLP} b{BINARY_BATCH}: {ceiling[-1]:8.0f} samples/s")
-            for model in (CNN, MLP):
-                cells = [c for c in CELLS if FASTAPI in c.servers and c.model == model]
-                log = opts.out / "logs" / f"fastapi-{model}-{r}.log"
-                server = fastapi_baseline(repo, model, log)
-                servers.append(server)
-                _phase(server, cells, opts, results)
+            order = SERVERS[r % len(SERVERS) :] + SERVERS[: r % len(SERVERS)]
+            print(f"repeat {r + 1} of {opts.repeats}: {', '.join(order)}", flush=True)
+            for kind in order:
+                if kind == SLIMSERVE:
+                    server = slimserve(repo, work, logs / f"slimserve-{r}.log")
+                    servers.append(server)
+                    _phase(server, [c for c in all_cells if kind in c.servers], opts, results)
+                    ceiling.append(
+                        ort_ceiling(mlp_path, BINARY_BATCH, opts.warmup_seconds, opts.cell_seconds)
+                    )
+                    print(f"  in-process {MLP} b{BINARY_BATCH}: {ceiling[-1]:8.0f} samples/s")
+                    continue
+                for model in (CNN, MLP):
+                    cells = [c for c in all_cells if kind in c.servers and c.model == model]
+                    log = logs / f"{kind}-{model}-{r}.log"
+                    if kind == FASTAPI:
+                        server = fastapi_baseline(repo, model, log)
+                    else:
+                        server = bentoml_baseline(repo, model, kind, work, log)
+                    servers.append(server)
+                    _phase(server, cells, opts, results)
         doc["cells"] = []
-        for cell in CELLS:
+        for cell in all_cells:
             for s in cell.servers:
                 runs = results[f"{s}|{cell.id}"]
                 doc["cells"].append(
@@ -710,6 +787,7 @@ def run(opts: Options) -> dict[str, Any]:
     doc["servers"] = [s.record() for s in servers if s.process is not None]
     doc["meta"]["loadavg_end"] = os.getloadavg()
     doc["meta"]["wall_seconds"] = round(time.perf_counter() - began, 1)
+    doc["plots"] = plot(doc, opts.out) if doc.get("cells") else []
     (opts.out / "results.json").write_bytes(
         orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     )
@@ -733,31 +811,81 @@ def _ratio(a: float, b: float) -> float:
 
 
 def headline(doc: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a reader wants first; ratios are slimserve over FastAPI."""
-    cnn1, cnn64, mlp64, binary = CELLS
-    s, f = SLIMSERVE, FASTAPI
+    """The numbers a reader wants first: slimserve's req/s over each baseline's at c=64 (or
+    the highest concurrency measured), per model, and the binary cell against the ceiling."""
+    sweep = doc["meta"]["concurrency"]
+    c = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in sweep else max(sweep)
+    s = SLIMSERVE
+    ratios, p99 = {}, {}
+    for model in (CNN, MLP):
+        cell = Cell(model, "json", c)
+        mine = _cell(doc, cell, s)["req_per_s"]
+        ratios[model] = {k: _ratio(mine, _cell(doc, cell, k)["req_per_s"]) for k in SERVERS[1:]}
+        p99[model] = {k: _cell(doc, cell, k)["p99_ms"] for k in SERVERS}
+    c1 = min(sweep)
     startup = doc["startup"]
     return {
-        "cnn_c64_req_per_s_ratio": _ratio(
-            _cell(doc, cnn64, s)["req_per_s"], _cell(doc, cnn64, f)["req_per_s"]
-        ),
-        "mlp_c64_req_per_s_ratio": _ratio(
-            _cell(doc, mlp64, s)["req_per_s"], _cell(doc, mlp64, f)["req_per_s"]
-        ),
-        "cnn_c1_p50_ms": {s: _cell(doc, cnn1, s)["p50_ms"], f: _cell(doc, cnn1, f)["p50_ms"]},
-        "mlp_c64_p99_ms": {s: _cell(doc, mlp64, s)["p99_ms"], f: _cell(doc, mlp64, f)["p99_ms"]},
-        "binary_samples_per_s": _cell(doc, binary, s)["samples_per_s"],
+        "concurrency": c,
+        "req_per_s_ratio": ratios,
+        "p99_ms": p99,
+        "cnn_p50_ms_at_lowest_concurrency": {
+            "concurrency": c1,
+            **{k: _cell(doc, Cell(CNN, "json", c1), k)["p50_ms"] for k in SERVERS},
+        },
+        "binary_samples_per_s": _cell(doc, BINARY_CELL, s)["samples_per_s"],
         "binary_percent_of_ceiling": 100
-        * _ratio(_cell(doc, binary, s)["samples_per_s"], doc["ceiling"]["samples_per_s"]),
+        * _ratio(_cell(doc, BINARY_CELL, s)["samples_per_s"], doc["ceiling"]["samples_per_s"]),
         "startup_seconds": startup.get("seconds"),
         "startup_models": startup.get("models"),
         "zoo_worker_rss_mib": startup.get("worker_rss_mib"),
         "bench_worker_rss_mib": {
-            s: _cell(doc, mlp64, s)["worker_rss_mib"],
-            f"{f} ({CNN})": _cell(doc, cnn64, f)["worker_rss_mib"],
-            f"{f} ({MLP})": _cell(doc, mlp64, f)["worker_rss_mib"],
+            s: _cell(doc, Cell(MLP, "json", c), s)["worker_rss_mib"],
+            **{
+                f"{k} ({m})": _cell(doc, Cell(m, "json", c), k)["worker_rss_mib"]
+                for k in SERVERS[1:]
+                for m in (CNN, MLP)
+            },
         },
     }
+
+
+def plot(doc: dict[str, Any], out: Path) -> list[str]:
+    """throughput.png (req/s against concurrency) and latency.png (p99 against req/s): one
+    panel per model, one line per server. Returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    json_cells = [c for c in doc["cells"] if c["encoding"] == "json"]
+    names = []
+    for name, x_of, y_of, xlabel, ylabel in (
+        ("throughput.png", "concurrency", "req_per_s", "concurrent clients", "req/s"),
+        ("latency.png", "req_per_s", "p99_ms", "req/s", "p99 latency, ms"),
+    ):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        for ax, model in zip(axes, (CNN, MLP), strict=True):
+            for server in SERVERS:
+                rows = sorted(
+                    (c for c in json_cells if c["model"] == model and c["server"] == server),
+                    key=lambda c: c["concurrency"],
+                )
+                xs = [c[x_of] if x_of == "concurrency" else c["median"][x_of] for c in rows]
+                ys = [c["median"][y_of] for c in rows]
+                ax.plot(xs, ys, marker="o", label=server)
+            ax.set_title(f"{model}, JSON, 1 sample/request")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if x_of == "concurrency":
+                ax.set_xscale("log", base=2)
+            else:
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -769,13 +897,15 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     meta, h = doc["meta"], doc.get("headline")
     lines = [
-        f"# slimserve vs FastAPI baseline ({meta['started_utc']})",
+        f"# slimserve vs FastAPI and BentoML baselines ({meta['started_utc']})",
         "",
         f"{meta['cpus']} CPUs, load average {meta['loadavg_start'][0]:.2f} at start; "
         f"{meta['cell_seconds']} s per cell after {meta['warmup_seconds']} s warm-up, "
-        f"{meta['repeats']} repeat(s), medians; client and server share the machine. "
+        f"{meta['repeats']} repeat(s), medians; client and server share the machine; "
+        f"{meta['wall_seconds']} s in all. "
         "CPU % is of one core (200 = both of 2); RSS is the process that runs the models "
-        "(BentoML's worker; uvicorn's process for FastAPI).",
+        "(BentoML's worker; uvicorn's process for FastAPI). BentoML baselines answer "
+        '`POST /predict` with `{"x": [[...]]}`; the others speak v2 JSON.',
         "",
         "| cell | server | req/s | samples/s | p50 ms | p95 ms | p99 ms | errors "
         "| server CPU % | worker RSS MiB | client CPU % |",
@@ -791,20 +921,23 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_fmt(m['client_cpu_percent'], 0)} |"
         )
     if h:
-        s, f = SLIMSERVE, FASTAPI
-        startup = doc["startup"]
-        cnn_ratio = _fmt(h["cnn_c64_req_per_s_ratio"], 2)
-        mlp_ratio = _fmt(h["mlp_c64_req_per_s_ratio"], 2)
+        startup, c = doc["startup"], h["concurrency"]
+        lines += ["", "## Headline", ""]
+        for model in (CNN, MLP):
+            r = h["req_per_s_ratio"][model]
+            lines.append(
+                f"- req/s slimserve / FastAPI, {model} JSON c={c}: **{_fmt(r[FASTAPI], 2)}x**; "
+                f"/ BentoML plain **{_fmt(r[BENTOML_PLAIN], 2)}x**; "
+                f"/ BentoML batched **{_fmt(r[BENTOML_BATCHED], 2)}x**"
+            )
+        for model in (CNN, MLP):
+            p99 = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in h["p99_ms"][model].items())
+            lines.append(f"- p99 ms at c={c} ({model} JSON): {p99}")
+        low = dict(h["cnn_p50_ms_at_lowest_concurrency"])
+        c1 = low.pop("concurrency")
+        p50 = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in low.items())
         lines += [
-            "",
-            "## Headline",
-            "",
-            f"- req/s slimserve / FastAPI, {CNN} JSON c=64: **{cnn_ratio}x**",
-            f"- req/s slimserve / FastAPI, {MLP} JSON c=64: **{mlp_ratio}x**",
-            f"- p50 at c=1 ({CNN} JSON): slimserve {_fmt(h['cnn_c1_p50_ms'][s], 2)} ms, "
-            f"FastAPI {_fmt(h['cnn_c1_p50_ms'][f], 2)} ms",
-            f"- p99 at c=64 ({MLP} JSON): slimserve {_fmt(h['mlp_c64_p99_ms'][s], 2)} ms, "
-            f"FastAPI {_fmt(h['mlp_c64_p99_ms'][f], 2)} ms",
+            f"- p50 ms at c={c1} ({CNN} JSON): {p50}",
             f"- binary {MLP}, {BINARY_BATCH} samples/request, c=8: "
             f"{_fmt(h['binary_samples_per_s'], 0)} samples/s = "
             f"**{_fmt(h['binary_percent_of_ceiling'])}%** of in-process onnxruntime "
@@ -820,7 +953,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 + f"); worker RSS {_fmt(startup['worker_rss_mib'])} MiB"
             )
         rss = ", ".join(f"{k} {_fmt(v)} MiB" for k, v in h["bench_worker_rss_mib"].items())
-        lines.append(f"- worker RSS with the 2 benchmark models: {rss}")
+        lines.append(f"- worker RSS with the benchmark models: {rss}")
+    if doc.get("plots"):
+        lines += ["", *(f"![{p}]({p})" for p in doc["plots"])]
     left = [p for srv in doc.get("servers", []) for p in srv["left_behind"]]
     lines += ["", f"Servers started: {len(doc.get('servers', []))}; left behind: {left or 'none'}."]
     return "\n".join(lines) + "\n"
@@ -834,20 +969,38 @@ def _stop_all(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _concurrency(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        levels = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter(f"expected positive integers, got {value!r}")
+    return levels
+
+
 @app.command()
 def main(
-    quick: Annotated[bool, typer.Option(help="1 s cells, 1 repeat, one start-up run.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="0.5 s cells, c=1,16,64, 1 repeat, one start-up run.")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="Results folder [default: loadtest/results/<UTC time>].")
     ] = None,
     cell_seconds: Annotated[
-        float | None, typer.Option(help="Measured seconds per cell [default: 8, quick 1].")
+        float | None, typer.Option(help="Measured seconds per cell [default: 3, quick 0.5].")
     ] = None,
     warmup_seconds: Annotated[
-        float | None, typer.Option(help="Warm-up seconds per cell [default: 2, quick 0.5].")
+        float | None, typer.Option(help="Warm-up seconds per cell [default: 1, quick 0.25].")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Rounds of slimserve-then-FastAPI [default: 2, quick 1].")
+        int | None, typer.Option(help="Rounds over every server [default: 2, quick 1].")
+    ] = None,
+    concurrency: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated sweep [default: 1,4,16,64,128, quick 1,16,64]."),
     ] = None,
     skip_startup: Annotated[
         bool, typer.Option(help="Do not measure start-to-ready with the whole zoo.")
@@ -856,16 +1009,17 @@ def main(
         Path, typer.Option(help="The repository whose start-to-ready time is measured.")
     ] = DEFAULT_ZOO,
 ) -> None:
-    """Run every cell against slimserve and the FastAPI baseline; write results.json/.md."""
+    """Run every cell against slimserve and the baselines; write results.json/.md and plots."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     opts = Options(
         out=out or ROOT / "loadtest" / "results" / stamp,
-        cell_seconds=cell_seconds or (1.0 if quick else 8.0),
-        warmup_seconds=warmup_seconds if warmup_seconds is not None else (0.5 if quick else 2.0),
+        cell_seconds=cell_seconds or (0.5 if quick else 3.0),
+        warmup_seconds=warmup_seconds if warmup_seconds is not None else (0.25 if quick else 1.0),
         repeats=repeats or (1 if quick else 2),
         startup=not skip_startup,
         zoo=zoo,
         quick=quick,
+        concurrency=_concurrency(concurrency) or (QUICK_CONCURRENCY if quick else CONCURRENCY),
     )
     signal.signal(signal.SIGTERM, _stop_all)
     doc = run(opts)

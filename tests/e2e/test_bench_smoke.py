@@ -15,15 +15,14 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVERS = ("slimserve", "fastapi", "bentoml-plain", "bentoml-batched")
 CELLS = {
-    ("slimserve", "digits-cnn/json/b1/c1"),
-    ("fastapi", "digits-cnn/json/b1/c1"),
-    ("slimserve", "digits-cnn/json/b1/c64"),
-    ("fastapi", "digits-cnn/json/b1/c64"),
-    ("slimserve", "mlp-2048/json/b1/c64"),
-    ("fastapi", "mlp-2048/json/b1/c64"),
-    ("slimserve", "mlp-2048/binary/b32/c8"),
-}
+    (server, f"{model}/json/b1/c{c}")
+    for server in SERVERS
+    for model in ("digits-cnn", "mlp-2048")
+    for c in (1, 4)
+} | {("slimserve", "mlp-2048/binary/b32/c8")}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _listening(port: int) -> bool:
@@ -44,7 +43,8 @@ def _alive(pid: int, create_time: float) -> bool:
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "loadtest.bench_serving", "--quick", "--skip-startup"]
-    cmd += ["--cell-seconds", "0.5", "--warmup-seconds", "0.2", "--out", str(out)]
+    cmd += ["--cell-seconds", "0.3", "--warmup-seconds", "0.1", "--concurrency", "1,4"]
+    cmd += ["--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
@@ -65,6 +65,9 @@ def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
     assert doc["ceiling"]["samples_per_s"] > 0
     assert doc["startup"] == {"skipped": "--skip-startup"}
     assert doc["headline"]["binary_percent_of_ceiling"] > 0
+    assert doc["headline"]["concurrency"] == 4
+    for model in ("digits-cnn", "mlp-2048"):
+        assert set(doc["headline"]["req_per_s_ratio"][model]) == set(SERVERS[1:])
 
 
 def test_markdown_report_has_the_table_and_headline(bench) -> None:
@@ -72,13 +75,24 @@ def test_markdown_report_has_the_table_and_headline(bench) -> None:
     text = (out / "results.md").read_text()
     assert "| cell | server | req/s |" in text
     assert "## Headline" in text
-    assert text.count("| slimserve |") == 4 and text.count("| fastapi |") == 3
+    assert text.count("| slimserve |") == 5 and text.count("| fastapi |") == 4
+    assert text.count("| bentoml-plain |") == 4 and text.count("| bentoml-batched |") == 4
+    assert "/ BentoML plain" in text and "/ BentoML batched" in text
+
+
+def test_both_plots_are_png_files_next_to_the_results(bench) -> None:
+    out, doc = bench
+    assert doc["plots"] == ["throughput.png", "latency.png"]
+    for name in doc["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        assert len(data) > 1000, name
 
 
 def test_no_server_is_left_behind(bench) -> None:
     _, doc = bench
     kinds = [s["kind"] for s in doc["servers"]]
-    assert sorted(kinds) == ["fastapi", "fastapi", "slimserve"]
+    assert sorted(kinds) == sorted(["slimserve", *[k for k in SERVERS[1:] for _ in range(2)]])
     for server in doc["servers"]:
         assert server["left_behind"] == []
         assert server["pids"], server
