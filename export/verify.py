@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from service.repository import TensorSpec
-from service.runtime import OrtSession, RuntimeOptions, session_signature
+from service.runtime import ModelLoadError, OrtSession, RuntimeOptions
 
 from .spec import PARITY_BATCH_SIZES, Feeds, Runner, Trained
 
@@ -46,8 +45,11 @@ def graph_signature(name: str, path: Path) -> tuple[list[TensorSpec], list[Tenso
         raise ExportError(f"model {name!r}: {path.name} is not a valid ONNX graph: {exc}") from exc
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs, outputs = session_signature(session)
+    try:
+        session = OrtSession(path, name, RuntimeOptions(["CPUExecutionProvider"]))
+    except ModelLoadError as exc:
+        raise ExportError(f"model {name!r}: {exc}") from exc
+    inputs, outputs = session.inputs, session.outputs
     for kind, specs in (("input", inputs), ("output", outputs)):
         for spec in specs:
             if not spec.shape or spec.shape[0] != -1:

@@ -122,10 +122,12 @@ class ModelStore:
 
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         """Like :meth:`find`, and 503 with the reason when the model failed to load."""
-        model = self.find(name, version)
+        return self.require_ready(self.find(name, version))
+
+    def require_ready(self, model: LoadedModel) -> LoadedModel:
         if not model.ready:
             raise ModelNotReady(
-                f"model '{name}' version {model.version} is not ready: {model.error}",
+                f"model '{model.name}' version {model.version} is not ready: {model.error}",
                 self.settings.retry_after_s,
             )
         return model

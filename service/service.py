@@ -19,10 +19,9 @@ from . import friendly
 from .errors import ModelNotReady, ServingError
 from .models import ModelStore
 from .outermost import mount_outermost
-from .protocol import dumps
 from .repository import ModelRepository
 from .settings import get_settings
-from .v2 import V2App
+from .v2 import V2App, respond_error
 
 __all__ = ["SlimServe"]
 
@@ -133,15 +132,7 @@ async def _v2(scope: dict[str, Any], receive: Any, send: Any) -> None:
     service = bentoml.get_current_service()
     if service is None:  # only possible before BentoML finished starting the worker
         error = ModelNotReady("the server is still loading models", _settings.retry_after_s)
-        body = dumps({"error": error.message})
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"retry-after", b"1"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return
+        return await respond_error(send, error)
     await service.v2(scope, receive, send)
 
 

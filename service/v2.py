@@ -32,7 +32,7 @@ from .protocol import (
     select_outputs,
 )
 
-__all__ = ["V2App", "PLATFORM", "EXTENSIONS"]
+__all__ = ["V2App", "PLATFORM", "EXTENSIONS", "respond_error"]
 
 log = logging.getLogger("slimserve.v2")
 
@@ -157,7 +157,7 @@ class V2App:
             in_flight = m.in_flight.labels(*labels)
             in_flight.inc()
             try:
-                body, status, headers = await self._serve(model, name, version, scope, receive)
+                body, status, headers = await self._serve(model, scope, receive)
             finally:
                 in_flight.dec()
         except ServingError as exc:
@@ -169,15 +169,11 @@ class V2App:
         m.request_duration.labels(*labels).observe(time.perf_counter() - start)
 
     async def _serve(
-        self,
-        model: LoadedModel,
-        name: str,
-        version: str | None,
-        scope: dict[str, Any],
-        receive: Receive,
+        self, model: LoadedModel, scope: dict[str, Any], receive: Receive
     ) -> tuple[bytes, int, dict[str, str]]:
-        model = self.store.ready_model(name, version)
-        assert model.session is not None and model.batcher is not None
+        self.store.require_ready(model)
+        assert model.session is not None
+        name = model.name
         headers = dict(scope["headers"])
         body = await _read_body(headers, receive, self.settings.max_body_bytes)
         header_length = headers.get(HEADER_LENGTH.encode())
@@ -216,6 +212,11 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) 
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond_error(send: Send, exc: ServingError) -> None:
+    """``{"error": ...}`` with the error's status and headers (``Retry-After`` for 503s)."""
+    await _respond(send, exc.status_code, dumps({"error": exc.message}), {**_JSON, **exc.headers})
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

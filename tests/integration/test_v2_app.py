@@ -138,21 +138,16 @@ def test_many_concurrent_clients_with_mixed_batch_sizes_get_their_own_results(
     assert executions is not None
 
 
+def binary_header(x: np.ndarray, **extra) -> bytes:
+    """The JSON header of a v2 request whose ``features`` input follows as raw bytes."""
+    tensor = {"name": "features", "shape": list(x.shape), "datatype": "FP32",
+              "parameters": {"binary_data_size": x.nbytes}}
+    return orjson.dumps({"inputs": [tensor], **extra})
+
+
 def test_binary_tensors_both_ways(store: ModelStore) -> None:
     x = load("diabetes").x_test[:5]
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "shape": [5, 10],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "prediction", "parameters": {"binary_data": True}}],
-        }
-    )
+    header = binary_header(x, outputs=[{"name": "prediction", "parameters": {"binary_data": True}}])
     r = run(
         store,
         lambda c: c.post(
@@ -226,18 +221,7 @@ def test_errors_are_json_with_the_right_status(
 
 def test_nan_over_binary_is_refused(store: ModelStore) -> None:
     x = np.full((1, 10), np.nan, np.float32)
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "features",
-                    "shape": [1, 10],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ]
-        }
-    )
+    header = binary_header(x)
     r = run(
         store,
         lambda c: c.post(
