@@ -29,7 +29,7 @@ $(PY):
 # torch is pip-installed from the CPU wheel on this machine's disk (pyproject pins 2.13.0);
 # uv or poetry would download a multi-GB CUDA build instead.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[serve,export]' --group dev
+	$(PIP) install --quiet -e '.[serve,export,batch,batch-ray]' --group dev
 	rm -f $(VENV)/.installed-*
 	touch $@
 

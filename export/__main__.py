@@ -63,16 +63,39 @@ def build(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, initialisation and sampling.")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild even when nothing changed.")] = False,
+    compress: Annotated[
+        bool, typer.Option(help="Build, measure and choose compressed variants.")
+    ] = True,
+    max_accuracy_drop: Annotated[
+        float,
+        typer.Option(help="Budget: absolute drop allowed in accuracy-like metrics (0.01 = 1 pt)."),
+    ] = 0.01,
+    max_error_increase: Annotated[
+        float, typer.Option(help="Budget: relative increase allowed in RMSE-like errors.")
+    ] = 0.02,
+    calibration_method: Annotated[
+        str, typer.Option(help="Static INT8 calibration: minmax, entropy or percentile.")
+    ] = "minmax",
 ) -> None:
     """Build the zoo (or --only some models) into REPO; unchanged models are skipped."""
     _quiet()
     from . import build as builder
     from . import zoo
+    from .compress import StaticConfig
+    from .selection import Budget
 
     try:
         specs = zoo.plan(only or ())
+        options = builder.BuildOptions(
+            budget=Budget(max_accuracy_drop, max_error_increase),
+            static=StaticConfig(method=calibration_method),
+            compress=compress,
+        )
     except KeyError as exc:
         err.print(f"[red]error:[/] {escape(str(exc.args[0]))}")
+        raise typer.Exit(2) from None
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     repository = ModelRepository(repo)
     columns = (
@@ -96,7 +119,9 @@ def build(
             progress.advance(task)
 
         try:
-            outcomes = builder.build(repository, only or (), seed, force, on_start, on_done)
+            outcomes = builder.build(
+                repository, only or (), seed, force, on_start, on_done, options
+            )
         except (builder.ExportError, RepositoryError) as exc:
             progress.stop()
             err.print(f"[red]build failed:[/] {escape(str(exc))}")
@@ -155,18 +180,26 @@ def list_models(repo: RepoOption = Path("models")) -> None:
         err.print(f"no models in {repo} (run `make models`)")
         raise typer.Exit(1)
     table = Table(title=f"model repository {repo}")
-    for col in ("name", "version", "task", "inputs", "headline metric", "size"):
+    for col in ("name", "version", "task", "inputs", "headline metric", "default", "size"):
         table.add_column(
             col, justify="right" if col in ("version", "size") else "left", no_wrap=col != "inputs"
         )
     for e in entries:
         if e.model is None:
-            table.add_row(e.name, str(e.version), "[red]unreadable[/]", str(e.error), "", "")
+            table.add_row(e.name, str(e.version), "[red]unreadable[/]", str(e.error), "", "", "")
             continue
         m = e.model.manifest
         inputs = ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in m.inputs)
         size = sum(f.bytes for f in m.files.values())
-        table.add_row(m.name, str(m.version), m.task, inputs, _fmt_metric(m.headline), _human(size))
+        table.add_row(
+            m.name,
+            str(m.version),
+            m.task,
+            inputs,
+            _fmt_metric(m.headline),
+            m.default_variant,
+            _human(size),
+        )
     console.print(table)
 
 
@@ -187,7 +220,7 @@ def verify(
             model = repository.get(name)
             model.verify()
             for variant in model.manifest.variants.values():
-                if variant.available:
+                if variant.file and variant.available:
                     ort_runner(model.path / variant.file)
         except RepositoryError as exc:
             failures += 1
@@ -200,6 +233,44 @@ def verify(
         else:
             console.print(f"[green]ok[/]   {name} v{model.version}")
     raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
+def report(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Models to report (default: all).")
+    ] = None,
+    repo: RepoOption = Path("models"),
+    summary_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary", help="Where to write the summary table (default REPO/REPORT.md)."
+        ),
+    ] = None,
+) -> None:
+    """Write each model's variant card (markdown) and accuracy-vs-latency plot into its latest
+    version folder, and a summary table over the models; print the summary."""
+    from .report import CARD_FILE, summary, write_card
+
+    repository = ModelRepository(repo)
+    manifests = []
+    for name in names or repository.names():
+        try:
+            model = repository.get(name)
+        except RepositoryError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+        m = model.manifest
+        if CARD_FILE not in m.files:
+            # the build writes (and hashes) the card; versions built without one get it here,
+            # rendered from the manifest, never overwriting a hashed file
+            write_card(model.path, m)
+        manifests.append(m)
+    table = summary(manifests)
+    target = summary_file or Path(repo) / "REPORT.md"
+    target.write_text("# Compression summary\n\n" + table, encoding="utf-8")
+    console.print(table, highlight=False, markup=False)
+    console.print(f"cards in each version folder; summary in {target}")
 
 
 def _human(n: int) -> str:

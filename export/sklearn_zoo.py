@@ -135,6 +135,7 @@ def _trained(
         reference=ref,
         feeds=lambda n: {name: rows(ds.x_test, n)},
         test_feeds={name: ds.x_test},
+        calibration={name: ds.x_train},
         evaluate=evaluate,
         headline=headline,
         tolerance=tolerance or Tolerance(),

@@ -66,6 +66,13 @@ class Trained:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, chosen or fixed
     producer: dict[str, Any] = field(default_factory=dict)
+    #: training-split inputs, to calibrate static INT8 quantization (never the test split)
+    calibration: Feeds | None = None
+    #: compressions that change the network (``pruned``, ``distilled``): each writes its ONNX
+    #: file at the given path (same inputs and outputs) and returns what it did
+    variants: dict[str, Callable[[Path], dict[str, Any]]] = field(default_factory=dict)
+    #: technique -> why it does not apply to this model (recorded in the manifest)
+    not_applicable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,13 @@ from torch.nn import functional as F
 from . import quality
 from .data import Dataset, load
 from .spec import OPSET, BuildContext, Feeds, Tolerance, Trained
+from .torch_compress import (
+    DistillConfig,
+    PruneConfig,
+    distillation_loss,
+    prune_digits_cnn,
+    prune_linear_chain,
+)
 
 __all__ = [
     "export_module",
@@ -391,11 +398,43 @@ def _regressor(ds: Dataset, hidden: Sequence[int], ctx: BuildContext, **train: A
     )
     names = ["features"], ["prediction"]
     reference = torch_reference(model, names[0])
+    example = [torch.from_numpy(ds.x_test[:4])]
+    variants, not_applicable = (
+        {},
+        {"distilled": "distillation here trains on a classifier's softened class probabilities"},
+    )
+    if hidden:
+        config = PruneConfig(epochs=60, lr=1e-3)
+
+        def pruned(path: Path) -> dict:
+            seed_everything(ctx.seed)
+            student = copy.deepcopy(model)
+            student.body, info = prune_linear_chain(model.body, config)
+            tuned = fit(
+                student,
+                _mse_std,
+                ds.x_train,
+                ds.y_train,
+                ds.x_val,
+                ds.y_val,
+                epochs=config.epochs,
+                lr=config.lr,
+                seed=ctx.seed,
+            )
+            export_module(student, example, *names, path)
+            return _pruned_details(model, student, info, config, tuned)
+
+        variants["pruned"] = pruned
+    else:
+        not_applicable["pruned"] = "a single linear layer has no hidden neurons to remove"
     return Trained(
-        export=lambda p: export_module(model, [torch.from_numpy(ds.x_test[:4])], *names, p),
+        export=lambda p: export_module(model, example, *names, p),
         reference=reference,
         feeds=lambda n: {"features": rows(ds.x_test, n)},
         test_feeds={"features": ds.x_test},
+        calibration={"features": ds.x_train},
+        variants=variants,
+        not_applicable=not_applicable,
         evaluate=lambda run: quality.regression(ds.y_test, run({"features": ds.x_test})[0]),
         headline="rmse",
         tolerance=Tolerance(atol=1e-3, rtol=1e-5),
@@ -409,12 +448,33 @@ def _regressor(ds: Dataset, hidden: Sequence[int], ctx: BuildContext, **train: A
     )
 
 
+def _pruned_details(
+    teacher: nn.Module, pruned: nn.Module, info: dict, config: PruneConfig, tuned: dict
+) -> dict[str, Any]:
+    before, after = n_params(teacher), n_params(pruned)
+    return {
+        "technique": "structured pruning (whole neurons / channels removed, dependency-aware), "
+        "then fine-tuning",
+        **info,
+        **config.to_dict(),
+        "parameters_before": before,
+        "parameters_after": after,
+        "parameters_removed": f"{1.0 - after / before:.0%}",
+        "fine_tune": tuned,
+    }
+
+
 def _classifier(
     ds: Dataset,
     model: Classifier,
     ctx: BuildContext,
     input_shape: Sequence[int] = (),
     augment: Callable | None = None,
+    prune: Callable[[nn.Module, PruneConfig], tuple[nn.Module, dict]] | None = None,
+    prune_config: PruneConfig | None = None,
+    student: Callable[[], nn.Module] | None = None,
+    distill_config: DistillConfig | None = None,
+    not_applicable: dict[str, str] | None = None,
     **train: Any,
 ) -> Trained:
     shape = (-1, *input_shape) if input_shape else (-1, ds.n_features)
@@ -437,11 +497,76 @@ def _classifier(
         labels, _ = run({input_name: x_test})
         return quality.classification(ds.y_test, labels)
 
+    example = [torch.from_numpy(x_test[:4])]
+    data = (x_train, ds.y_train, x_val, ds.y_val)
+    variants: dict[str, Callable[[Path], dict[str, Any]]] = {}
+    if prune is not None:
+        pcfg = prune_config or PruneConfig()
+
+        def pruned(path: Path) -> dict[str, Any]:
+            seed_everything(ctx.seed)
+            small = copy.deepcopy(model)
+            small.body, info = prune(model.body, pcfg)
+            tuned = fit(
+                small,
+                _cross_entropy,
+                *data,
+                augment=augment,
+                seed=ctx.seed,
+                epochs=pcfg.epochs,
+                lr=pcfg.lr,
+                weight_decay=train.get("weight_decay", 0.0),
+            )
+            export_module(small, example, *names, path)
+            return _pruned_details(model, small, info, pcfg, tuned)
+
+        variants["pruned"] = pruned
+    if student is not None:
+        dcfg = distill_config or DistillConfig()
+
+        def distilled(path: Path) -> dict[str, Any]:
+            seed_everything(ctx.seed)
+            pupil = Classifier(student())
+            model.eval()
+
+            def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    soft = model.logits(x)
+                return distillation_loss(m.logits(x), soft, y, dcfg)
+
+            history = fit(
+                pupil,
+                loss,
+                *data,
+                augment=augment,
+                seed=ctx.seed,
+                epochs=dcfg.epochs,
+                lr=dcfg.lr,
+                weight_decay=1e-4,
+            )
+            export_module(pupil, example, *names, path)
+            linears = [m for m in pupil.modules() if isinstance(m, nn.Linear)]
+            return {
+                "technique": "knowledge distillation (Hinton et al. 2015) into a smaller student",
+                "student": " -> ".join(
+                    [str(m.in_features) for m in linears] + [str(linears[-1].out_features)]
+                ),
+                **dcfg.to_dict(),
+                "parameters_teacher": n_params(model),
+                "parameters_student": n_params(pupil),
+                "parameters_fewer": f"{n_params(model) / n_params(pupil):.1f}x",
+                "training": history,
+            }
+
+        variants["distilled"] = distilled
     return Trained(
-        export=lambda p: export_module(model, [torch.from_numpy(x_test[:4])], *names, p),
+        export=lambda p: export_module(model, example, *names, p),
         reference=torch_reference(model, names[0]),
         feeds=lambda n: {input_name: rows(x_test, n)},
         test_feeds={input_name: x_test},
+        calibration={input_name: x_train},
+        variants=variants,
+        not_applicable=not_applicable or {},
         evaluate=evaluate,
         headline="accuracy",
         tolerance=Tolerance(atol=1e-5, rtol=1e-4),
@@ -450,6 +575,22 @@ def _classifier(
         config={"parameters": n_params(model), **history},
         producer=producer(),
     )
+
+
+_LINEAR_NOT_APPLICABLE = {
+    "pruned": "a single linear layer has no hidden neurons to remove",
+    "distilled": "a single linear layer: there is no smaller student to distill into",
+}
+_GENERATIVE_NOT_APPLICABLE = {
+    "pruned": "pruning is built for the MLP and CNN classifiers and the MLP regressor; "
+    "fine-tuning a generative model needs its own loss and quality judge (left out)",
+    "distilled": "distillation here trains on a classifier's softened class probabilities",
+}
+
+
+def _student_mlp() -> nn.Module:
+    """The distillation student of the digits classifiers: 64 -> 48 -> 10."""
+    return mlp([64, 48, 10])
 
 
 def diabetes_linear(ctx: BuildContext) -> Trained:
@@ -470,7 +611,15 @@ def breast_cancer_logreg(ctx: BuildContext) -> Trained:
         binary=True,
         scale=Standardize(ds.x_train.mean(0), ds.x_train.std(0)),
     )
-    trained = _classifier(ds, model, ctx, epochs=150, lr=1e-2, weight_decay=1e-3)
+    trained = _classifier(
+        ds,
+        model,
+        ctx,
+        epochs=150,
+        lr=1e-2,
+        weight_decay=1e-3,
+        not_applicable=_LINEAR_NOT_APPLICABLE,
+    )
     trained.config["architecture"] = "standardise -> linear(30, 1) -> sigmoid"
     return trained
 
@@ -479,7 +628,15 @@ def digits_logreg(ctx: BuildContext) -> Trained:
     ds = load("digits", ctx.seed)
     seed_everything(ctx.seed)
     model = Classifier(nn.Linear(64, 10))
-    trained = _classifier(ds, model, ctx, epochs=150, lr=1e-2, weight_decay=1e-4)
+    trained = _classifier(
+        ds,
+        model,
+        ctx,
+        epochs=150,
+        lr=1e-2,
+        weight_decay=1e-4,
+        not_applicable=_LINEAR_NOT_APPLICABLE,
+    )
     trained.config["architecture"] = "linear(64, 10) -> softmax"
     return trained
 
@@ -488,7 +645,17 @@ def digits_mlp(ctx: BuildContext) -> Trained:
     ds = load("digits", ctx.seed)
     seed_everything(ctx.seed)
     model = Classifier(mlp([64, 256, 128, 10], dropout=0.2))
-    trained = _classifier(ds, model, ctx, epochs=100, lr=2e-3, weight_decay=1e-4)
+    trained = _classifier(
+        ds,
+        model,
+        ctx,
+        prune=prune_linear_chain,
+        prune_config=PruneConfig(keep_ratio=0.25, epochs=30, lr=1e-3),
+        student=_student_mlp,
+        epochs=100,
+        lr=2e-3,
+        weight_decay=1e-4,
+    )
     trained.config["architecture"] = "64 -> 256 -> 128 -> 10, ReLU, dropout 0.2"
     return trained
 
@@ -503,6 +670,9 @@ def digits_cnn(ctx: BuildContext) -> Trained:
         ctx,
         input_shape=(1, 8, 8),
         augment=_random_shift,
+        prune=prune_digits_cnn,
+        prune_config=PruneConfig(keep_ratio=0.5, epochs=20, lr=1e-3),
+        student=lambda: nn.Sequential(nn.Flatten(), _student_mlp()),
         epochs=40,
         lr=3e-3,
         weight_decay=1e-4,
@@ -548,6 +718,8 @@ def digits_autoencoder(ctx: BuildContext) -> Trained:
         reference=torch_reference(model, names[0]),
         feeds=lambda n: {"pixels": rows(ds.x_test, n)},
         test_feeds={"pixels": ds.x_test},
+        calibration={"pixels": ds.x_train},
+        not_applicable=_GENERATIVE_NOT_APPLICABLE,
         evaluate=evaluate,
         headline="reconstruction_mse",
         preprocessing=ds.preprocessing,
@@ -604,6 +776,8 @@ def digits_vae_encoder(ctx: BuildContext) -> Trained:
         reference=torch_reference(encoder, names[0]),
         feeds=lambda n: {"pixels": rows(ds.x_test, n)},
         test_feeds={"pixels": ds.x_test},
+        calibration={"pixels": ds.x_train},
+        not_applicable=_GENERATIVE_NOT_APPLICABLE,
         evaluate=evaluate,
         headline="reconstruction_mse",
         preprocessing=ds.preprocessing,
@@ -634,6 +808,9 @@ def digits_vae_decoder(ctx: BuildContext) -> Trained:
         reference=torch_reference(decoder, names[0]),
         feeds=lambda n: {"latent": sample["latent"][:n]},
         test_feeds=sample,
+        # calibration: other draws from the same prior N(0, I) (a different seed)
+        calibration={"latent": _latent_feeds(1024, vae.latent, ctx.seed + 1)},
+        not_applicable=_GENERATIVE_NOT_APPLICABLE,
         evaluate=lambda run: quality.generated_digits(run(sample)[0], judge),
         headline="confident_share",
         preprocessing={
@@ -696,6 +873,11 @@ def digits_gan(ctx: BuildContext) -> Trained:
         reference=torch_reference(gen_model, names[0]),
         feeds=lambda n: {k: rows(v[::7], n) for k, v in sample.items()},
         test_feeds=sample,
+        calibration={
+            "noise": np.random.default_rng(ctx.seed + 1).standard_normal((1000, 32), np.float32),
+            "label": np.tile(np.arange(10, dtype=np.int64), 100),
+        },
+        not_applicable=_GENERATIVE_NOT_APPLICABLE,
         evaluate=lambda run: quality.generated_digits(run(sample)[0], judge, requested),
         headline="confident_share",
         labels=[str(d) for d in range(10)],

@@ -1,15 +1,19 @@
-"""Loaded models: one onnxruntime session and one batcher per model, read from the repository.
+"""Loaded models: one onnxruntime session and one batcher per model variant, from the repository.
 
-A model that fails to load (corrupt file, hash mismatch, unreadable manifest, a graph
+Every servable variant of a model's latest version is loaded (FP32, INT8, pruned, ...); the
+manifest's default variant answers requests that name none. A variant is addressed as
+``name@variant`` (in a URL or a friendly endpoint's ``model``) or with the v2 request parameter
+``variant``. A model that fails to load (corrupt file, hash mismatch, unreadable manifest, a graph
 onnxruntime rejects) stays in the store as not ready, with the reason; the others serve.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from .batcher import BatchObserver, DynamicBatcher
 from .errors import ModelNotFound, ModelNotReady
@@ -19,7 +23,9 @@ from .repository import Manifest, ModelRepository, RepositoryError
 from .runtime import ModelLoadError, OrtSession, RuntimeOptions
 from .settings import Settings
 
-__all__ = ["LoadedModel", "ModelStore"]
+__all__ = ["LoadedModel", "ModelStore", "VARIANT_SEPARATOR"]
+
+VARIANT_SEPARATOR = "@"
 
 log = logging.getLogger("slimserve.models")
 
@@ -33,10 +39,22 @@ class LoadedModel:
     session: OrtSession | None = None
     batcher: DynamicBatcher | None = None
     error: str | None = None
+    #: every variant of this model version that is loaded (the default one included)
+    siblings: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
+    #: variants that exist but are not served here, with the reason
+    unservable: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
         return self.session is not None
+
+    @property
+    def card(self) -> str | None:
+        """The version's compression card (markdown), when the build wrote one."""
+        if self.session is None:
+            return None
+        path = self.session.path.parent / "card.md"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -57,22 +75,61 @@ class ModelStore:
         log.info("%d of %d models ready from %s", ready, len(self.models), self.repository.root)
 
     def _load(self, name: str, options: RuntimeOptions) -> LoadedModel:
+        """The default variant (or why it is not ready), with every other servable variant."""
         version = self.repository.versions(name)[-1]
         try:
             entry = self.repository.get(name, version)
             entry.verify()
-            variant = entry.manifest.default_variant
-            session = OrtSession(entry.variant_path(), f"{name}:{version}:{variant}", options)
-        except (RepositoryError, ModelLoadError) as exc:
-            log.error("model %s version %s is not ready: %s", name, version, exc)
-            model = LoadedModel(name, version, "fp32", error=str(exc))
-            metrics().model_info.labels(*model.labels, "none").set(0)
-            return model
-        model = LoadedModel(name, version, variant, entry.manifest, session)
-        model.batcher = self._batcher(model)
-        m = metrics()
-        m.load_seconds.labels(*model.labels).set(session.load_seconds)
-        m.model_info.labels(*model.labels, session.provider).set(1)
+        except RepositoryError as exc:
+            return self._not_ready(name, version, "fp32", exc)
+        manifest = entry.manifest
+        default = manifest.default_variant
+        wanted = manifest.variants if self.settings.load_variants else {default: None}
+        loaded: dict[str, LoadedModel] = {}
+        unservable: dict[str, str] = {}
+        for variant in wanted:
+            why = self._unservable(manifest, variant, options)
+            if why is not None:
+                unservable[variant] = why
+                continue
+            label = f"{name}:{version}:{variant}"
+            try:
+                session = OrtSession(entry.variant_path(variant), label, options)
+            except ModelLoadError as exc:
+                if variant == default:
+                    return self._not_ready(name, version, variant, exc)
+                log.error("model %s: variant %s is not served: %s", name, variant, exc)
+                unservable[variant] = f"onnxruntime could not load it: {exc}"
+                continue
+            model = LoadedModel(name, version, variant, manifest, session)
+            model.batcher = self._batcher(model)
+            m = metrics()
+            m.load_seconds.labels(*model.labels).set(session.load_seconds)
+            m.model_info.labels(*model.labels, session.provider).set(1)
+            loaded[variant] = model
+        if default not in loaded:
+            why = unservable.get(default, "not loaded")
+            return self._not_ready(name, version, default, RepositoryError(why))
+        for model in loaded.values():
+            model.siblings, model.unservable = loaded, unservable
+        return loaded[default]
+
+    def _unservable(self, manifest: Manifest, variant: str, options: RuntimeOptions) -> str | None:
+        entry = manifest.variants[variant]
+        if not entry.file:
+            return entry.reason or "the build produced no file"
+        if entry.available:
+            return None
+        need = entry.requires_provider
+        if need and need in ort.get_available_providers() and need in options.providers:
+            return None  # built where it could not be measured (FP16 on a CPU machine)
+        return entry.reason or "marked unavailable in the manifest"
+
+    @staticmethod
+    def _not_ready(name: str, version: int, variant: str, exc: Exception) -> LoadedModel:
+        log.error("model %s version %s is not ready: %s", name, version, exc)
+        model = LoadedModel(name, version, variant, error=str(exc))
+        metrics().model_info.labels(*model.labels, "none").set(0)
         return model
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher:
@@ -107,8 +164,17 @@ class ModelStore:
             observer=BatchObserver(queue_wait=queue.observe, batch=on_batch),
         )
 
-    def find(self, name: str, version: str | None = None) -> LoadedModel:
-        """The model by name (and version, as in the URL); 404 when unknown."""
+    def find(
+        self, name: str, version: str | None = None, variant: str | None = None
+    ) -> LoadedModel:
+        """The model by name (and version, as in the URL), ``name@variant`` or ``variant``;
+        404 when unknown."""
+        name, _, suffix = name.partition(VARIANT_SEPARATOR)
+        if suffix and variant and suffix != variant:
+            raise ModelNotFound(
+                f"model '{name}': the URL asks for variant '{suffix}', the request for "
+                f"'{variant}'; name one"
+            )
         model = self.models.get(name)
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
@@ -118,7 +184,27 @@ class ModelStore:
                 f"model '{name}' has no version '{version}' loaded "
                 f"(serving version {model.version})"
             )
-        return model
+        variant = suffix or variant
+        return model if not variant else self.variant(model, variant)
+
+    def variant(self, model: LoadedModel, variant: str) -> LoadedModel:
+        """Another variant of the same model version; 404 naming the servable ones."""
+        if variant == model.variant:
+            return model
+        self.require_ready(model)
+        sibling = model.siblings.get(variant)
+        if sibling is not None:
+            return sibling
+        servable = sorted(model.siblings)
+        if variant in model.unservable:
+            raise ModelNotFound(
+                f"model '{model.name}' variant '{variant}' is not served here: "
+                f"{model.unservable[variant]} (served variants: {', '.join(servable)})"
+            )
+        raise ModelNotFound(
+            f"model '{model.name}' has no variant '{variant}' (served variants: "
+            f"{', '.join(servable)})"
+        )
 
     def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
         """Like :meth:`find`, and 503 with the reason when the model failed to load."""
@@ -142,6 +228,7 @@ class ModelStore:
         return dict(zip(model.session.output_names, outputs, strict=True))
 
     async def close(self) -> None:
-        for model in self.models.values():
-            if model.batcher is not None:
-                await model.batcher.close()
+        for default in self.models.values():
+            for model in default.siblings.values() or [default]:
+                if model.batcher is not None:
+                    await model.batcher.close()

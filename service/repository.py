@@ -3,7 +3,8 @@
 Layout, after Triton's::
 
     <root>/<name>/<version>/model.onnx        the FP32 reference graph
-    <root>/<name>/<version>/<variant files>   compressed variants (later), listed in the manifest
+    <root>/<name>/<version>/model.<variant>.onnx  compressed variants, listed in the manifest
+    <root>/<name>/<version>/card.md           the variants' measurements (and a PNG plot)
     <root>/<name>/<version>/manifest.json     what a client and the server need to know
 
 A version folder is immutable once published: :meth:`ModelRepository.publish` stages the
@@ -99,10 +100,12 @@ class FileEntry:
 class Variant:
     """One servable graph of a version: the FP32 reference or a compressed variant."""
 
-    file: str
+    file: str  # "" when the technique produced no file (``reason`` says why)
     available: bool = True
     reason: str | None = None  # why it is unavailable or was not built
     details: dict[str, Any] = field(default_factory=dict)
+    #: an execution provider the variant cannot run without (FP16: CUDAExecutionProvider)
+    requires_provider: str | None = None
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Manifest:
     fingerprint: str = ""
     created_at: str = ""
     serving: dict[str, Any] = field(default_factory=dict)  # per-model overrides (batching...)
+    #: how the default variant was chosen: budget, measuring conditions, verdicts, reason
+    selection: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     def __post_init__(self) -> None:
@@ -220,7 +225,7 @@ class ModelVersion:
                     "changed after publishing"
                 )
         for variant in self.manifest.variants.values():
-            if variant.available and variant.file not in self.manifest.files:
+            if variant.file and variant.file not in self.manifest.files:
                 raise IntegrityError(
                     f"{self.path / variant.file}: variant file has no sha256 in the manifest"
                 )

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     port: int = Field(3000, ge=1, le=65535, description="Port the server listens on.")
     workers: int = Field(1, ge=1, description="BentoML worker processes (1 is best on 2 cores).")
     model_repository: Path = Field(Path("models"), description="The model repository folder.")
+    load_variants: bool = Field(
+        True,
+        description="Load every servable variant of each model (FP32, INT8, pruned, ...) so that "
+        "requests can pick one; false loads only each model's default variant.",
+    )
 
     providers: list[str] | None = Field(
         None,

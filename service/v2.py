@@ -23,7 +23,7 @@ from .errors import (
     ServingError,
 )
 from .metrics import UNKNOWN_MODEL, metrics
-from .models import LoadedModel, ModelStore
+from .models import VARIANT_SEPARATOR, LoadedModel, ModelStore
 from .protocol import (
     HEADER_LENGTH,
     decode_request,
@@ -157,7 +157,8 @@ class V2App:
             in_flight = m.in_flight.labels(*labels)
             in_flight.inc()
             try:
-                body, status, headers = await self._serve(model, scope, receive)
+                model, body, status, headers = await self._serve(model, name, scope, receive)
+                labels = model.labels
             finally:
                 in_flight.dec()
         except ServingError as exc:
@@ -169,29 +170,69 @@ class V2App:
         m.request_duration.labels(*labels).observe(time.perf_counter() - start)
 
     async def _serve(
-        self, model: LoadedModel, scope: dict[str, Any], receive: Receive
-    ) -> tuple[bytes, int, dict[str, str]]:
+        self, model: LoadedModel, url_name: str, scope: dict[str, Any], receive: Receive
+    ) -> tuple[LoadedModel, bytes, int, dict[str, str]]:
         self.store.require_ready(model)
-        assert model.session is not None
-        name = model.name
         headers = dict(scope["headers"])
         body = await _read_body(headers, receive, self.settings.max_body_bytes)
         header_length = headers.get(HEADER_LENGTH.encode())
         request = decode_request(body, header_length.decode() if header_length else None)
+        model = self._variant(model, url_name, request.parameters.get("variant"))
+        assert model.session is not None
+        name = model.name
         wanted = select_outputs(request, model.session.output_names, name)
         values = await self.store.infer(model, request)
-        payload, extra = encode_response(name, str(model.version), request, wanted, values)
-        return payload, 200, extra
+        payload, extra = encode_response(
+            name, str(model.version), request, wanted, values, {"variant": model.variant}
+        )
+        return model, payload, 200, extra
+
+    def _variant(self, model: LoadedModel, url_name: str, asked: Any) -> LoadedModel:
+        """The variant named by the request's ``parameters.variant`` (the URL's otherwise)."""
+        if asked is None:
+            return model
+        if not isinstance(asked, str) or not asked:
+            raise InvalidInput(
+                f"request parameter 'variant' for model '{model.name}': expected a variant "
+                f"name (string), got {asked!r}"
+            )
+        if VARIANT_SEPARATOR in url_name and asked != model.variant:
+            raise InvalidInput(
+                f"model '{model.name}': the URL names variant '{model.variant}', the request "
+                f"parameter 'variant' names '{asked}'; name one"
+            )
+        return self.store.variant(model, asked)
 
 
 def model_metadata(model: LoadedModel) -> dict[str, Any]:
-    assert model.session is not None
+    """v2 model metadata, plus which variant this is, the others, and the compression card."""
+    assert model.session is not None and model.manifest is not None
+    manifest = model.manifest
+    variants = {}
+    for name, entry in manifest.variants.items():
+        measured = entry.details.get("measurement") or {}
+        variants[name] = {
+            "served": name in model.siblings,
+            "reason": model.unservable.get(name),
+            "metrics": measured.get("metrics"),
+            "speedup": measured.get("speedup"),
+            "size_bytes": measured.get("size_bytes"),
+            "parameters": measured.get("parameters"),
+        }
     return {
         "name": model.name,
         "versions": [str(model.version)],
         "platform": PLATFORM,
         "inputs": [t.to_dict() for t in model.session.inputs],
         "outputs": [t.to_dict() for t in model.session.outputs],
+        "parameters": {
+            "variant": model.variant,
+            "default_variant": manifest.default_variant,
+            "provider": model.session.provider,
+            "variants": variants,
+            "selection": manifest.selection.get("reason"),
+            "card": model.card,
+        },
     }
 
 

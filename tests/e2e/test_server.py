@@ -53,7 +53,8 @@ def test_digits_accuracy_over_tritonclient_equals_the_manifest(
         assert result.as_numpy("probabilities") is None  # only what was asked for
         labels.append(result.as_numpy("label"))
     accuracy = float(np.mean(np.concatenate(labels) == ds.y_test))
-    assert accuracy == server.repo.get("digits-cnn").manifest.metrics["accuracy"]
+    m = server.repo.get("digits-cnn").manifest  # the default variant answers
+    assert accuracy == m.variants[m.default_variant].details["measurement"]["metrics"]["accuracy"]
 
 
 def test_two_inputs_int64_and_binary_output(client, server) -> None:

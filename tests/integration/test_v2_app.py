@@ -70,7 +70,12 @@ def test_server_metadata_and_health(store: ModelStore) -> None:
 def test_model_metadata(store: ModelStore) -> None:
     r = run(store, lambda c: c.get("/v2/models/digits-gan"))
     assert r.status_code == 200
-    assert r.json() == {
+    meta = r.json()
+    params = meta.pop("parameters")
+    assert params["variant"] == params["default_variant"]
+    assert params["card"].startswith("# digits-gan: variants")
+    assert params["variants"]["fp32"]["served"] is True
+    assert meta == {
         "name": "digits-gan",
         "versions": ["1"],
         "platform": "onnxruntime_onnx",
@@ -109,7 +114,9 @@ def test_digits_test_split_accuracy_equals_the_manifest(store: ModelStore) -> No
         )
         labels += next(o for o in doc["outputs"] if o["name"] == "label")["data"]
     accuracy = float(np.mean(np.array(labels) == ds.y_test))
-    assert accuracy == store.models["digits-cnn"].manifest.metrics["accuracy"]
+    model = store.models["digits-cnn"]  # the default variant answers: its measured accuracy
+    measured = model.manifest.variants[model.variant].details["measurement"]["metrics"]
+    assert accuracy == measured["accuracy"]
 
 
 def test_many_concurrent_clients_with_mixed_batch_sizes_get_their_own_results(

@@ -42,7 +42,11 @@ def test_manifest_records_what_the_issue_asks(zoo_repo: ModelRepository, name: s
     assert [c["batch_size"] for c in m.parity["checks"]] == [*PARITY_BATCH_SIZES, "test"]
     assert m.producer["opset"] == 18 and m.producer["onnxruntime"] == ort.__version__
     assert "torch" in m.producer if spec.family == "torch" else "skl2onnx" in m.producer
-    assert set(m.files) == {"model.onnx", "build.json"}
+    built = {v.file for v in m.variants.values() if v.file}
+    assert set(m.files) == {"model.onnx", "build.json", "card.md", "accuracy_latency.png"} | built
+    assert set(m.variants) == {"fp32", "int8-dynamic", "int8-static", "pruned", "distilled", "fp16"}
+    assert all(v.file or v.reason for v in m.variants.values())  # a file, or why there is none
+    assert m.default_variant in m.variants and m.selection["reason"]
     for rel, entry in m.files.items():
         assert sha256_file(model.path / rel) == entry.sha256
     assert m.fingerprint and m.created_at.endswith("+00:00")

@@ -35,7 +35,13 @@ def test_manifest_round_trips(tiny_repo: ModelRepository) -> None:
     assert raw["format"] == "slimserve.manifest/1"
     assert raw["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert raw["variants"] == {
-        "fp32": {"file": "model.onnx", "available": True, "reason": None, "details": {}}
+        "fp32": {
+            "file": "model.onnx",
+            "available": True,
+            "reason": None,
+            "details": {},
+            "requires_provider": None,
+        }
     }
     assert Manifest.from_dict(raw) == model.manifest
     assert model.manifest.headline == ("score", 1.0)
