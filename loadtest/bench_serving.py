@@ -8,8 +8,11 @@ batching (one baseline process per model), and 32-sample binary requests against
 Only one server runs at a time. Load is closed-loop: ``concurrency`` asyncio clients, each
 sending its next request when the previous one answered, for a fixed time after a warm-up.
 Per cell it records req/s, latency percentiles, errors by status, the server process tree's CPU
-and RSS and the client's own CPU. It also measures onnxruntime's in-process ceiling for the
-binary MLP cell and slimserve's start-to-ready time with a whole zoo. Results go to
+and RSS and the client's own CPU. Compressed variants (the
+zoo CNN's pruned and INT8 graphs, the MLP's INT8 graphs from ``export.compress``) get slimserve
+cells of their own, addressed as ``name@variant``. It also measures onnxruntime's in-process
+ceiling for every model and variant at batch 1 and 32, and slimserve's start-to-ready time
+with a whole zoo. Results go to
 ``results.json``, ``results.md`` and two PNG plots in ``--out``.
 
 The client shares the machine with the server: on 2 cores its CPU is reported, not removed.
@@ -44,7 +47,7 @@ import orjson
 import psutil
 import typer
 
-from service.repository import Manifest, ModelRepository, TensorSpec
+from service.repository import Manifest, ModelRepository, TensorSpec, Variant
 
 __all__ = ["Cell", "LoadResult", "ServerProcess", "closed_loop", "build_repository", "run"]
 
@@ -59,6 +62,9 @@ BENTOML_SERVICES = {BENTOML_PLAIN: "Plain", BENTOML_BATCHED: "Batched"}
 CONCURRENCY = (1, 4, 16, 64, 128)
 QUICK_CONCURRENCY = (1, 16, 64)
 HEADLINE_CONCURRENCY = 64
+#: compressed variants with slimserve cells of their own (and in-process ceilings)
+VARIANTS = {CNN: ("int8-static", "pruned"), MLP: ("int8-dynamic", "int8-static")}
+CEILING_BATCHES = (1, 32)
 READY_PATH = "/v2/health/ready"
 START_SECONDS_ESTIMATE = {SLIMSERVE: 6.0, FASTAPI: 3.0, BENTOML_PLAIN: 4.0, BENTOML_BATCHED: 4.0}
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "models"  # the default repository
@@ -105,10 +111,23 @@ def write_mlp_onnx(path: Path, sizes: tuple[int, ...] = MLP_SHAPE, seed: int = 0
     onnx.save(model, str(path))
 
 
+def mlp_inputs(n: int = 512, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, MLP_SHAPE[0]), dtype=np.float32)
+
+
 def _publish_mlp(repo: ModelRepository) -> None:
+    from export.compress import quantize_dynamic, quantize_static
+
     staging = repo.staging_dir(MLP)
     write_mlp_onnx(staging / "model.onnx")
+    src = staging / "model.onnx"
+    variants = {"fp32": Variant("model.onnx")}
+    quantize_dynamic(MLP, src, staging / "model.int8-dynamic.onnx")
+    quantize_static(MLP, src, staging / "model.int8-static.onnx", {"x": mlp_inputs(512, 7)})
+    for v in VARIANTS[MLP]:
+        variants[v] = Variant(f"model.{v}.onnx")
     manifest = Manifest(
+        variants=variants,
         name=MLP,
         version=0,
         task="classification",
@@ -124,10 +143,14 @@ def _publish_cnn(repo: ModelRepository, source: Path) -> str:
     with contextlib.suppress(Exception):
         latest = ModelRepository(source).get(CNN)
         latest.verify()
+        if not all(latest.manifest.variants[v].available for v in VARIANTS[CNN]):
+            raise LookupError(f"{latest.path} predates the compressed variants")
         staging = repo.staging_dir(CNN)
         for rel in latest.manifest.files:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(latest.path / rel, staging / rel)
+        # the base cells compare FP32 with FP32: the baselines serve model.onnx too
+        latest.manifest.default_variant = "fp32"
         repo.publish(staging, latest.manifest)
         return f"copied from {latest.path}"
     cmd = [sys.executable, "-m", "export", "build", "--only", CNN, "--repo", str(repo.root)]
@@ -358,9 +381,19 @@ class Cell:
 BINARY_CELL = Cell(MLP, "binary", 8, BINARY_BATCH, servers=(SLIMSERVE,))
 
 
+def variant_cells(concurrency: tuple[int, ...] = CONCURRENCY) -> list[Cell]:
+    """slimserve only: each compressed variant at the headline concurrency."""
+    c = HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in concurrency else max(concurrency)
+    return [
+        Cell(f"{m}@{v}", "json", c, servers=(SLIMSERVE,)) for m, vs in VARIANTS.items() for v in vs
+    ]
+
+
 def sweep_cells(concurrency: tuple[int, ...] = CONCURRENCY) -> list[Cell]:
-    """One-sample JSON requests at each concurrency, per model, then the binary cell."""
-    return [Cell(m, "json", c) for m in (CNN, MLP) for c in concurrency] + [BINARY_CELL]
+    """One-sample JSON requests at each concurrency, per model, then the binary cell, then
+    the compressed variants."""
+    base = [Cell(m, "json", c) for m in (CNN, MLP) for c in concurrency]
+    return base + [BINARY_CELL] + variant_cells(concurrency)
 
 
 @dataclass(frozen=True)
@@ -374,14 +407,14 @@ class Payloads:
 
 def payloads(cell: Cell, seed: int = 0, bentoml: bool = False) -> Payloads:
     """v2 bodies, or with ``bentoml`` the baselines' ``{"x": [...]}`` body."""
-    if cell.model == CNN:
+    if cell.model.split("@")[0] == CNN:
         from export.data import load
 
         x = load("digits").x_test.reshape(-1, 1, 8, 8)
         name = "pixels"
         expect = {"label": [cell.samples_per_request], "probabilities": [1, 10]}
     else:
-        x = np.random.default_rng(seed).random((512, MLP_SHAPE[0]), dtype=np.float32)
+        x = mlp_inputs(512, seed)
         name = "x"
         expect = {"probabilities": [cell.samples_per_request, MLP_SHAPE[-1]]}
     n = cell.samples_per_request
@@ -542,8 +575,9 @@ def ort_ceiling(model_path: Path, batch: int, warmup_s: float, duration_s: float
     from service.settings import Settings
 
     session = OrtSession(model_path, "ceiling", RuntimeOptions.from_settings(Settings()))
-    x = np.random.default_rng(1).random((batch, MLP_SHAPE[0]), dtype=np.float32)
-    feeds = {session.inputs[0].name: x}
+    spec = session.inputs[0]
+    x = np.random.default_rng(1).random((batch, *spec.shape[1:]), dtype=np.float32)
+    feeds = {spec.name: x}
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
         session.run(feeds)
@@ -568,6 +602,11 @@ class Options:
     zoo: Path
     quick: bool
     concurrency: tuple[int, ...] = CONCURRENCY
+
+
+def _ceiling_seconds(opts: Options) -> tuple[float, float]:
+    """Warm-up and measuring time of one in-process ceiling: short, there are many of them."""
+    return min(opts.warmup_seconds, 0.5), min(opts.cell_seconds, 2.0)
 
 
 def _median(values: list[float]) -> float:
@@ -728,8 +767,11 @@ def run(opts: Options) -> dict[str, Any]:
         results: dict[str, list[LoadResult]] = {
             f"{s}|{c.id}": [] for c in all_cells for s in c.servers
         }
-        ceiling: list[float] = []
-        mlp_path = ModelRepository(repo).get(MLP).variant_path()
+        targets = [m for m in (CNN, MLP)] + [f"{m}@{v}" for m, vs in VARIANTS.items() for v in vs]
+        ceilings: dict[str, dict[int, list[float]]] = {
+            t: {b: [] for b in CEILING_BATCHES} for t in targets
+        }
+        bench_repo = ModelRepository(repo)
         logs = opts.out / "logs"
         for r in range(opts.repeats):
             order = SERVERS[r % len(SERVERS) :] + SERVERS[: r % len(SERVERS)]
@@ -739,10 +781,13 @@ def run(opts: Options) -> dict[str, Any]:
                     server = slimserve(repo, work, logs / f"slimserve-{r}.log")
                     servers.append(server)
                     _phase(server, [c for c in all_cells if kind in c.servers], opts, results)
-                    ceiling.append(
-                        ort_ceiling(mlp_path, BINARY_BATCH, opts.warmup_seconds, opts.cell_seconds)
-                    )
-                    print(f"  in-process {MLP} b{BINARY_BATCH}: {ceiling[-1]:8.0f} samples/s")
+                    for target in targets:
+                        name, _, variant = target.partition("@")
+                        path = bench_repo.get(name).variant_path(variant or "fp32")
+                        for b in CEILING_BATCHES:
+                            value = ort_ceiling(path, b, *_ceiling_seconds(opts))
+                            ceilings[target][b].append(value)
+                            print(f"  in-process {target:24} b{b:<3} {value:10.0f} samples/s")
                     continue
                 for model in (CNN, MLP):
                     cells = [c for c in all_cells if kind in c.servers and c.model == model]
@@ -766,11 +811,9 @@ def run(opts: Options) -> dict[str, Any]:
                         "runs": [asdict(x) for x in runs],
                     }
                 )
-        doc["ceiling"] = {
-            "model": MLP,
-            "batch": BINARY_BATCH,
-            "samples_per_s_runs": ceiling,
-            "samples_per_s": _median(ceiling),
+        doc["ceilings"] = {
+            t: {str(b): {"runs": runs, "samples_per_s": _median(runs)} for b, runs in per.items()}
+            for t, per in ceilings.items()
         }
         if opts.startup:
             print("start-to-ready", flush=True)
@@ -834,7 +877,11 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
         },
         "binary_samples_per_s": _cell(doc, BINARY_CELL, s)["samples_per_s"],
         "binary_percent_of_ceiling": 100
-        * _ratio(_cell(doc, BINARY_CELL, s)["samples_per_s"], doc["ceiling"]["samples_per_s"]),
+        * _ratio(
+            _cell(doc, BINARY_CELL, s)["samples_per_s"],
+            doc["ceilings"][MLP][str(BINARY_BATCH)]["samples_per_s"],
+        ),
+        "served_vs_ceiling": served_vs_ceiling(doc, c),
         "startup_seconds": startup.get("seconds"),
         "startup_models": startup.get("models"),
         "zoo_worker_rss_mib": startup.get("worker_rss_mib"),
@@ -847,6 +894,23 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+def served_vs_ceiling(doc: dict[str, Any], c: int) -> dict[str, dict[str, float]]:
+    """Per model and variant: slimserve's samples/s with ``c`` one-sample JSON clients, against
+    back-to-back in-process ``run()`` at batch 1 and 32, as percentages (the same run)."""
+    out = {}
+    for target, per_batch in doc["ceilings"].items():
+        served = _cell(doc, Cell(target, "json", c), SLIMSERVE)["samples_per_s"]
+        out[target] = {
+            "served_samples_per_s": served,
+            **{f"in_process_b{b}": v["samples_per_s"] for b, v in per_batch.items()},
+            **{
+                f"percent_of_b{b}": 100 * _ratio(served, v["samples_per_s"])
+                for b, v in per_batch.items()
+            },
+        }
+    return out
 
 
 def plot(doc: dict[str, Any], out: Path) -> list[str]:
@@ -873,6 +937,17 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
                 xs = [c[x_of] if x_of == "concurrency" else c["median"][x_of] for c in rows]
                 ys = [c["median"][y_of] for c in rows]
                 ax.plot(xs, ys, marker="o", label=server)
+            for c in json_cells:
+                if c["model"].startswith(f"{model}@"):
+                    x = c["concurrency"] if x_of == "concurrency" else c["median"][x_of]
+                    ax.scatter(
+                        [x],
+                        [c["median"][y_of]],
+                        marker="*",
+                        s=90,
+                        zorder=3,
+                        label=f"slimserve {c['model'].partition('@')[2]}",
+                    )
             ax.set_title(f"{model}, JSON, 1 sample/request")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
@@ -941,8 +1016,21 @@ def markdown(doc: dict[str, Any]) -> str:
             f"- binary {MLP}, {BINARY_BATCH} samples/request, c=8: "
             f"{_fmt(h['binary_samples_per_s'], 0)} samples/s = "
             f"**{_fmt(h['binary_percent_of_ceiling'])}%** of in-process onnxruntime "
-            f"({_fmt(doc['ceiling']['samples_per_s'], 0)} samples/s at batch {BINARY_BATCH})",
+            f"({_fmt(doc['ceilings'][MLP][str(BINARY_BATCH)]['samples_per_s'], 0)} samples/s "
+            f"at batch {BINARY_BATCH})",
+            "",
+            f"Served (slimserve, one-sample JSON requests, c={c}) against in-process onnxruntime "
+            "(back-to-back `run()`, same session settings, same run):",
+            "",
+            "| model | served samples/s | in-process b1 | in-process b32 | % of b1 | % of b32 |",
+            "|---|--:|--:|--:|--:|--:|",
         ]
+        for target, r in h["served_vs_ceiling"].items():
+            lines.append(
+                f"| {target} | {_fmt(r['served_samples_per_s'], 0)} | "
+                f"{_fmt(r['in_process_b1'], 0)} | {_fmt(r['in_process_b32'], 0)} | "
+                f"{_fmt(r['percent_of_b1'], 0)}% | {_fmt(r['percent_of_b32'], 0)}% |"
+            )
         if "skipped" in startup:
             lines.append(f"- start-to-ready: skipped ({startup['skipped']})")
         else:

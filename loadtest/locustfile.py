@@ -43,8 +43,11 @@ DEFAULT_MIXED = "digits-cnn,digits-mlp,diabetes-svr,iris-knn,wine-decision-tree,
 
 @events.init_command_line_parser.add_listener
 def _arguments(parser) -> None:
-    parser.add_argument("--models", default=DEFAULT_MIXED,
-                        help="Comma-separated models for MixedUser (from the zoo).")
+    parser.add_argument(
+        "--models",
+        default=DEFAULT_MIXED,
+        help="Comma-separated models for MixedUser (from the zoo).",
+    )
 
 
 def _rows(model: str) -> np.ndarray:
@@ -54,19 +57,34 @@ def _rows(model: str) -> np.ndarray:
 
 def _json_body(model: str, x: np.ndarray) -> bytes:
     _, name, _ = PAYLOADS[model]
-    return orjson.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                                     "data": x.ravel().tolist()}]})
+    return orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    )
 
 
 class _Slimserve(FastHttpUser):
     abstract = True
     wait_time = between(0, 0.002)
 
-    def infer(self, model: str, body: bytes, headers: dict[str, str] | None = None,
-              samples: int = 1) -> None:
-        with self.client.post(f"/v2/models/{model}/infer", data=body, name=f"v2 infer {model}",
-                              headers={"content-type": "application/json", **(headers or {})},
-                              catch_response=True) as r:
+    def infer(
+        self, model: str, body: bytes, headers: dict[str, str] | None = None, samples: int = 1
+    ) -> None:
+        with self.client.post(
+            f"/v2/models/{model}/infer",
+            data=body,
+            name=f"v2 infer {model}",
+            headers={"content-type": "application/json", **(headers or {})},
+            catch_response=True,
+        ) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
             elif "inference-header-content-length" not in r.headers:
@@ -93,14 +111,28 @@ class V2BinaryUser(_Slimserve):
     def thirty_two_digits(self) -> None:
         i = random.randrange(len(self.x) - 32)
         x = np.ascontiguousarray(self.x[i : i + 32])
-        header = orjson.dumps({
-            "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32",
-                        "parameters": {"binary_data_size": x.nbytes}}],
-            "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
-        })
-        self.infer("digits-cnn", header + x.tobytes(),
-                   {"Inference-Header-Content-Length": str(len(header)),
-                    "content-type": "application/octet-stream"}, samples=32)
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "outputs": [{"name": "label", "parameters": {"binary_data": True}}],
+            }
+        )
+        self.infer(
+            "digits-cnn",
+            header + x.tobytes(),
+            {
+                "Inference-Header-Content-Length": str(len(header)),
+                "content-type": "application/octet-stream",
+            },
+            samples=32,
+        )
 
 
 class FriendlyUser(_Slimserve):
@@ -116,8 +148,9 @@ class FriendlyUser(_Slimserve):
     @task(3)
     def classify(self) -> None:
         i = random.randrange(len(self.digits))
-        self._post("classify", {"model": "digits-cnn", "rows": self.digits[i : i + 1].tolist(),
-                                "top_k": 3})
+        self._post(
+            "classify", {"model": "digits-cnn", "rows": self.digits[i : i + 1].tolist(), "top_k": 3}
+        )
 
     @task(2)
     def regress(self) -> None:
@@ -132,8 +165,10 @@ class FriendlyUser(_Slimserve):
 
     @task(1)
     def generate(self) -> None:
-        self._post("generate", {"model": "digits-gan", "n": 4, "seed": random.randrange(1000),
-                                "format": "png"})
+        self._post(
+            "generate",
+            {"model": "digits-gan", "n": 4, "seed": random.randrange(1000), "format": "png"},
+        )
 
 
 class MixedUser(_Slimserve):

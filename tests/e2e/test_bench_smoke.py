@@ -16,12 +16,32 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("slimserve", "fastapi", "bentoml-plain", "bentoml-batched")
-CELLS = {
-    (server, f"{model}/json/b1/c{c}")
-    for server in SERVERS
-    for model in ("digits-cnn", "mlp-2048")
-    for c in (1, 4)
-} | {("slimserve", "mlp-2048/binary/b32/c8")}
+CELLS = (
+    {
+        (server, f"{model}/json/b1/c{c}")
+        for server in SERVERS
+        for model in ("digits-cnn", "mlp-2048")
+        for c in (1, 4)
+    }
+    | {("slimserve", "mlp-2048/binary/b32/c8")}
+    | {
+        ("slimserve", f"{v}/json/b1/c4")
+        for v in (
+            "digits-cnn@int8-static",
+            "digits-cnn@pruned",
+            "mlp-2048@int8-dynamic",
+            "mlp-2048@int8-static",
+        )
+    }
+)
+TARGETS = {
+    "digits-cnn",
+    "mlp-2048",
+    "digits-cnn@int8-static",
+    "digits-cnn@pruned",
+    "mlp-2048@int8-dynamic",
+    "mlp-2048@int8-static",
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,7 +82,12 @@ def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
         for run in cell["runs"]:
             assert run["requests"] == run["ok"] + sum(run["errors"].values())
             assert "200" not in run["errors"]
-    assert doc["ceiling"]["samples_per_s"] > 0
+    assert set(doc["ceilings"]) == TARGETS
+    for per_batch in doc["ceilings"].values():
+        assert set(per_batch) == {"1", "32"}
+        assert all(v["samples_per_s"] > 0 for v in per_batch.values())
+    served = doc["headline"]["served_vs_ceiling"]
+    assert set(served) == TARGETS and all(r["percent_of_b32"] > 0 for r in served.values())
     assert doc["startup"] == {"skipped": "--skip-startup"}
     assert doc["headline"]["binary_percent_of_ceiling"] > 0
     assert doc["headline"]["concurrency"] == 4
@@ -75,7 +100,8 @@ def test_markdown_report_has_the_table_and_headline(bench) -> None:
     text = (out / "results.md").read_text()
     assert "| cell | server | req/s |" in text
     assert "## Headline" in text
-    assert text.count("| slimserve |") == 5 and text.count("| fastapi |") == 4
+    assert text.count("| slimserve |") == 9 and text.count("| fastapi |") == 4
+    assert "| digits-cnn@pruned |" in text  # the served / in-process table
     assert text.count("| bentoml-plain |") == 4 and text.count("| bentoml-batched |") == 4
     assert "/ BentoML plain" in text and "/ BentoML batched" in text
 
