@@ -62,7 +62,7 @@ def _check_task(model: LoadedModel, endpoint: str, tasks: tuple[str, ...]) -> No
 
 
 def _answer(model: LoadedModel, **body: Any) -> dict[str, Any]:
-    return {"model": model.name, "version": str(model.version), **body}
+    return {"model": model.name, "version": str(model.version), "variant": model.variant, **body}
 
 
 async def classify(

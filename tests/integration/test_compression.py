@@ -192,3 +192,12 @@ def test_fp16_is_served_on_cuda(store: ModelStore) -> None:
     fp16 = call(store, "POST", "/v2/models/digits-cnn@fp16/infer", json=body(X))
     assert fp16.json()["parameters"] == {"variant": "fp16"}
     assert np.mean(np.array(labels(fp16)) == np.array(labels(fp32))) >= 0.99
+
+
+def test_friendly_endpoints_take_name_at_variant(store: ModelStore) -> None:
+    from service.friendly import classify
+
+    rows = X.reshape(len(X), -1).tolist()
+    answer = asyncio.run(classify(store, "digits-cnn@int8-static", rows))
+    assert answer["model"] == "digits-cnn" and answer["variant"] == "int8-static"
+    assert len(answer["predictions"]) == len(rows)
