@@ -700,7 +700,8 @@ def budget(opts: Options, cells: list[Cell]) -> dict[str, Any]:
     """What the run should take: load time per cell and repeat, plus estimated server starts."""
     cell_runs = sum(len(c.servers) for c in cells)
     load_s = cell_runs * (opts.warmup_seconds + opts.cell_seconds) * opts.repeats
-    ceiling_s = (opts.warmup_seconds + opts.cell_seconds) * opts.repeats
+    targets = 2 + sum(len(v) for v in VARIANTS.values())
+    ceiling_s = targets * len(CEILING_BATCHES) * sum(_ceiling_seconds(opts)) * opts.repeats
     starts = {SLIMSERVE: 1} | {k: 2 for k in SERVERS if k != SLIMSERVE}  # baselines: per model
     start_s = opts.repeats * sum(n * START_SECONDS_ESTIMATE[k] for k, n in starts.items())
     startup_s = (1 if opts.quick else 2) * 15.0 if opts.startup else 0.0

@@ -27,6 +27,9 @@ __all__ = [
     "validate_inputs",
     "select_outputs",
     "encode_response",
+    "InferResponse",
+    "encode_request",
+    "decode_response",
     "dumps",
 ]
 
@@ -140,60 +143,62 @@ def decode_request(body: bytes, header_length: str | None = None) -> InferReques
     )
 
 
-def _tensor_header(raw: Any, i: int) -> tuple[str, tuple[int, ...], str]:
+def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[int, ...], str]:
     if not isinstance(raw, dict):
-        raise _fail(f"inputs[{i}]: expected an object, got {type(raw).__name__}")
+        raise _fail(f"{kind}s[{i}]: expected an object, got {type(raw).__name__}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise _fail(f"inputs[{i}]: expected a non-empty string 'name'")
+        raise _fail(f"{kind}s[{i}]: expected a non-empty string 'name'")
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise _fail(
-            f"input {name!r}: expected 'shape' to be a list of integers >= 0, got {shape!r}"
+            f"{kind} {name!r}: expected 'shape' to be a list of integers >= 0, got {shape!r}"
         )
     datatype = raw.get("datatype")
     if datatype not in V2_TO_NUMPY:
         raise _fail(
-            f"input {name!r}: datatype {datatype!r} is not supported; "
+            f"{kind} {name!r}: datatype {datatype!r} is not supported; "
             f"expected one of {', '.join(V2_TO_NUMPY)}"
         )
     return name, tuple(shape), datatype
 
 
-def _from_json(data: Any, name: str, shape: tuple[int, ...], datatype: str) -> np.ndarray:
+def _from_json(
+    data: Any, name: str, shape: tuple[int, ...], datatype: str, kind: str = "input"
+) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
         flat = _flatten(data)
         if len(flat) != count or not all(isinstance(s, str) for s in flat):
-            raise _fail(f"input {name!r}: expected {count} strings for shape {list(shape)}")
+            raise _fail(f"{kind} {name!r}: expected {count} strings for shape {list(shape)}")
         return np.array(flat, dtype=object).reshape(shape)
     try:
         arr = np.asarray(data)
     except ValueError:
         raise _fail(
-            f"input {name!r}: 'data' is a ragged nested list; expected shape {list(shape)}"
+            f"{kind} {name!r}: 'data' is a ragged nested list; expected shape {list(shape)}"
         ) from None
     if arr.dtype.kind not in "biuf":
-        raise _fail(f"input {name!r}: 'data' must hold numbers for datatype {datatype}")
+        raise _fail(f"{kind} {name!r}: 'data' must hold numbers for datatype {datatype}")
     target = V2_TO_NUMPY[datatype]
     if (
         target.kind in "iu"
         and arr.dtype.kind == "f"
         and not (np.isfinite(arr) & (arr == np.round(arr))).all()
     ):
-        raise _fail(f"input {name!r}: datatype {datatype} takes integers, got fractions")
+        raise _fail(f"{kind} {name!r}: datatype {datatype} takes integers, got fractions")
     if target.kind == "b" and arr.dtype.kind != "b":
-        raise _fail(f"input {name!r}: datatype BOOL takes true/false values")
+        raise _fail(f"{kind} {name!r}: datatype BOOL takes true/false values")
     if arr.size != count:
         raise _fail(
-            f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}"
+            f"{kind} {name!r}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}"
         )
     try:
         return arr.astype(target, copy=False).reshape(shape)
     except OverflowError:
-        raise _fail(f"input {name!r}: a value does not fit datatype {datatype}") from None
+        raise _fail(f"{kind} {name!r}: a value does not fit datatype {datatype}") from None
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -205,24 +210,26 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _from_binary(buf: memoryview, name: str, shape: tuple[int, ...], datatype: str) -> np.ndarray:
+def _from_binary(
+    buf: memoryview, name: str, shape: tuple[int, ...], datatype: str, kind: str = "input"
+) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
         items, pos = [], 0
         while pos < len(buf):
             if pos + 4 > len(buf):
-                raise _fail(f"input {name!r}: truncated BYTES element length")
+                raise _fail(f"{kind} {name!r}: truncated BYTES element length")
             (size,) = struct.unpack_from("<I", buf, pos)
             items.append(bytes(buf[pos + 4 : pos + 4 + size]))
             pos += 4 + size
         if len(items) != count or pos != len(buf):
-            raise _fail(f"input {name!r}: expected {count} BYTES elements, got {len(items)}")
+            raise _fail(f"{kind} {name!r}: expected {count} BYTES elements, got {len(items)}")
         return np.array(items, dtype=object).reshape(shape)
     dtype = V2_TO_NUMPY[datatype].newbyteorder("<")
     expected = count * dtype.itemsize
     if len(buf) != expected:
         raise _fail(
-            f"input {name!r}: shape {list(shape)} of {datatype} needs {expected} bytes, "
+            f"{kind} {name!r}: shape {list(shape)} of {datatype} needs {expected} bytes, "
             f"binary_data_size is {len(buf)}"
         )
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -318,6 +325,11 @@ def encode_response(
         doc["id"] = request.id
     if parameters:
         doc["parameters"] = parameters
+    return _pack(doc, blobs)
+
+
+def _pack(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """JSON alone, or the JSON header followed by binary tensors (Triton's extension)."""
     header = dumps(doc)
     if not blobs:
         return header, {"content-type": "application/json"}
@@ -335,3 +347,94 @@ def _to_binary(arr: np.ndarray) -> bytes:
             parts.append(struct.pack("<I", len(b)) + b)
         return b"".join(parts)
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# the client's side (the batch runner's http engine): the same tensors, the other direction
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str | None
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_request(
+    inputs: dict[str, np.ndarray],
+    outputs: list[str] | None = None,
+    binary: bool = True,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """An infer request body and its headers, as ``tritonclient.http`` builds one.
+
+    With ``binary`` the tensors travel as raw little-endian bytes after the JSON header
+    (``binary_data_size``, ``Inference-Header-Content-Length``) and the outputs are asked
+    for in binary too.
+    """
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, arr in inputs.items():
+        entry: dict[str, Any] = {
+            "name": name,
+            "shape": list(arr.shape),
+            "datatype": from_numpy(arr.dtype),
+        }
+        if binary:
+            blob = _to_binary(arr)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif arr.dtype.kind == "O":
+            entry["data"] = [str(x) for x in arr.ravel()]
+        else:
+            entry["data"] = np.ascontiguousarray(arr).ravel()
+        tensors.append(entry)
+    doc: dict[str, Any] = {"inputs": tensors}
+    params = dict(parameters or {})
+    if outputs is not None:
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
+    elif binary:
+        params["binary_data_output"] = True
+    if params:
+        doc["parameters"] = params
+    return _pack(doc, blobs)
+
+
+def decode_response(body: bytes, header_length: str | None = None) -> InferResponse:
+    """A server's infer response (JSON or binary outputs); :class:`InvalidInput` when it is
+    not a v2 response."""
+    n = _header_length(header_length, len(body))
+    header, binary = (body[:n], memoryview(body)[n:]) if n is not None else (body, memoryview(b""))
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"response body is not valid JSON: {exc}") from None
+    raw_outputs = doc.get("outputs") if isinstance(doc, dict) else None
+    if not isinstance(raw_outputs, list):
+        raise _fail("response body: expected an object with a list of 'outputs'")
+    outputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, raw in enumerate(raw_outputs):
+        name, shape, datatype = _tensor_header(raw, i, "output")
+        size = (raw.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise _fail(
+                    f"output {name!r}: binary_data_size {size!r} does not fit the "
+                    f"{len(binary) - offset} binary bytes left after the JSON header"
+                )
+            view = binary[offset : offset + size]
+            outputs[name] = _from_binary(view, name, shape, datatype, "output").copy()
+            offset += size
+        elif "data" in raw:
+            outputs[name] = _from_json(raw["data"], name, shape, datatype, "output")
+        else:
+            raise _fail(f"output {name!r}: expected 'data' or parameters.binary_data_size")
+    version = doc.get("model_version")
+    return InferResponse(
+        model_name=str(doc.get("model_name", "")),
+        model_version=None if version is None else str(version),
+        outputs=outputs,
+        parameters=doc.get("parameters") or {},
+    )

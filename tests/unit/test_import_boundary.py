@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_MODULES = sorted(
-    f"service.{p.stem}" for p in (ROOT / "service").glob("*.py") if p.stem != "__init__"
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "service").rglob("*.py")
 )
 
 
