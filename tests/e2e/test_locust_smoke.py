@@ -16,12 +16,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def run_locust(server, out: Path, scenario: str, *extra: str) -> dict[str, dict[str, str]]:
     locust = Path(sys.executable).with_name("locust")
     cmd = [str(locust), "-f", "loadtest/locustfile.py", "--headless", "-u", "4", "-r", "4",
-           "-t", "3s", "-H", server.url, "--csv", str(out / "locust"), "--html",
+           "-t", "4s", "-H", server.url, "--csv", str(out / "locust"), "--html",
            str(out / "report.html"), "--only-summary", *extra, scenario]
-    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     with open(out / "locust_stats.csv") as fh:
         rows = {r["Name"]: r for r in csv.DictReader(fh)}
     assert (out / "report.html").stat().st_size > 0
+    total = rows["Aggregated"]
+    # On a count of zero show what locust and the server said, not just "0 > 10".
+    assert int(total["Request Count"]) > 0, (
+        f"locust made no request (exit {run.returncode}):\n{run.stderr[-3000:]}\n"
+        f"server log:\n{server.log_text()[-3000:]}"
+    )
     return rows
 
 
