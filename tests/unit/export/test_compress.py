@@ -95,6 +95,33 @@ def test_static_int8_with_each_calibration_method(mlp: Path, tmp_path: Path, met
     assert np.mean(ref[0] == got[0]) >= INT8_MIN_LABEL_AGREEMENT
 
 
+def test_static_int8_on_a_broadcast_bias(tmp_path: Path) -> None:
+    """skl2onnx's naive Bayes: MatMul then Add of a (1, N) bias. onnxruntime's int32-bias scale
+    check fails on it (ValueError); the retry without that check must give a working model."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    bias = rng.standard_normal((1, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Add", ["m", "bias"], ["scores"]),
+            helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0),
+        ],
+        "nb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    src, out = tmp_path / "nb.onnx", tmp_path / "nb.int8.onnx"
+    onnx.save(model, str(src))
+    details = quantize_static("nb", src, out, {"x": X[:128]})
+    assert "int32 biases disabled" in details["retry"]
+    ref, got = run(src, X[200:]), run(out, X[200:])
+    assert np.mean(ref[0] == got[0]) >= INT8_MIN_LABEL_AGREEMENT
+
+
 def test_unknown_calibration_method_is_named() -> None:
     with pytest.raises(ValueError, match="calibration method 'kl' is unknown; expected one of minmax, entropy, percentile"):
         StaticConfig(method="kl")
