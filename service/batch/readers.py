@@ -510,7 +510,26 @@ class _LineIndex:
         return self.offsets[index], self.offsets[index + 1]
 
 
-class CsvReader(Reader):
+class _LineReader(Reader):
+    """A text file read chunk by chunk: seek to the chunk's first line (``self.index``), parse."""
+
+    index: _LineIndex
+    _fh: Any = None
+    _handles = ("_fh",)
+
+    def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        for index in range(first, min(stop if stop is not None else self.n_chunks, self.n_chunks)):
+            begin, end = self.index.span(index)
+            self._fh.seek(begin)
+            yield self._parse(index, self._fh.read(end - begin))
+
+    @abstractmethod
+    def _parse(self, index: int, block: bytes) -> Chunk: ...
+
+
+class CsvReader(_LineReader):
     format = "csv"
 
     def __init__(self, options: InputOptions, model: ModelSpec) -> None:
@@ -546,17 +565,6 @@ class CsvReader(Reader):
         self._text_types = {f: pa.string() for f in include}
         if id_col:
             self._fast_types[id_col] = pa.string()
-        self._fh: Any = None
-
-    _handles = ("_fh",)
-
-    def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-        for index in range(first, min(stop if stop is not None else self.n_chunks, self.n_chunks)):
-            begin, end = self.index.span(index)
-            self._fh.seek(begin)
-            yield self._parse(index, self._fh.read(end - begin))
 
     def _read(self, block: bytes, types: dict[str, Any], threads: bool) -> tuple[Any, list[Any]]:
         pa = _pa()
@@ -651,7 +659,7 @@ def _blank_row(table: Any, i: int, columns: list[str]) -> bool:
     return all(table.column(c)[i].as_py() in (None, "") for c in columns)
 
 
-class JsonLinesReader(Reader):
+class JsonLinesReader(_LineReader):
     """One JSON object (features by key) or array (features in order) per line."""
 
     format = "jsonl"
@@ -689,9 +697,6 @@ class JsonLinesReader(Reader):
             self.features = ()
             self.id_column = None
         self.id_name = self.id_column
-        self._fh: Any = None
-
-    _handles = ("_fh",)
 
     def _first_object(self) -> Any:
         with open(self.path, "rb") as fh:
@@ -712,14 +717,8 @@ class JsonLinesReader(Reader):
                     return value
         raise SetupError(f"input {self.path}: no JSON rows; expected one object per line")
 
-    def chunks(self, first: int = 0, stop: int | None = None) -> Iterator[Chunk]:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-        for index in range(first, min(stop if stop is not None else self.n_chunks, self.n_chunks)):
-            begin, end = self.index.span(index)
-            self._fh.seek(begin)
-            block = self._fh.read(end - begin)
-            yield self._fast(index, block) or self._slow(index, block)
+    def _parse(self, index: int, block: bytes) -> Chunk:
+        return self._fast(index, block) or self._slow(index, block)
 
     def _fast(self, index: int, block: bytes) -> Chunk | None:
         """pyarrow's JSON reader on the whole chunk; None when any line needs a closer look."""
