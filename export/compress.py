@@ -259,24 +259,24 @@ def quantize_static(
     }[config.method]
     src, dst = src.resolve(), dst.resolve()
     notes: dict[str, str] = {}
-
-    def run(extra: dict[str, Any]) -> None:
-        ort_quantize_static(
-            str(pre),
-            str(dst),
-            _Calibration(batches),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method,
-            nodes_to_exclude=list(nodes_to_exclude),
-            extra_options={"CalibTensorRangeSymmetric": False, **extra},
-        )
-
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         pre = Path(tmp) / "pre.onnx"
         _preprocess(name, src, pre)
+
+        def run(extra: dict[str, Any]) -> None:
+            ort_quantize_static(
+                str(pre),
+                str(dst),
+                _Calibration(batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=list(nodes_to_exclude),
+                extra_options={"CalibTensorRangeSymmetric": False, **extra},
+            )
+
         try:
             run({})
         except Exception as exc:
