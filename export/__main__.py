@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from service.repository import TASKS, ModelRepository, RepositoryError
+from service.core.repository import TASKS, ModelRepository, RepositoryError
 
 app = typer.Typer(
     add_completion=False,

@@ -22,7 +22,13 @@ from typing import Any
 
 import onnxruntime as ort
 
-from service.repository import Manifest, ModelRepository, ModelVersion, RepositoryError, Variant
+from service.core.repository import (
+    Manifest,
+    ModelRepository,
+    ModelVersion,
+    RepositoryError,
+    Variant,
+)
 
 from . import zoo
 from .compress import StaticConfig, VariantResult, build_variants

@@ -17,14 +17,14 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
-from service.repository import (
+from service.core.repository import (
     Manifest,
     ModelRepository,
     ModelVersion,
     RepositoryError,
     TensorSpec,
 )
-from service.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 
 __all__ = ["IMPORTER", "ModelImportError", "import_onnx"]
 

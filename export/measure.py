@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from service.runtime import OrtSession, RuntimeOptions
+from service.core.runtime import OrtSession, RuntimeOptions
 
 from .spec import Feeds
 

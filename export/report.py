@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from service.repository import Manifest
+from service.core.repository import Manifest
 
 __all__ = ["CARD_FILE", "PLOT_FILE", "card", "plot", "summary", "write_card"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from service.repository import TASKS
+from service.core.repository import TASKS
 
 __all__ = [
     "OPSET",

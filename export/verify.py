@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from service.repository import TensorSpec
-from service.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from service.core.repository import TensorSpec
+from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 
 from .spec import PARITY_BATCH_SIZES, Feeds, Runner, Trained
 

@@ -83,8 +83,8 @@ def write_digits(x: np.ndarray, path: Path) -> Path:
 
 
 def _session(model_path: Path) -> Any:
-    from service.runtime import OrtSession, RuntimeOptions
-    from service.settings import Settings
+    from service.core.runtime import OrtSession, RuntimeOptions
+    from service.core.settings import Settings
 
     return OrtSession(model_path, "ceiling", RuntimeOptions.from_settings(Settings()))
 
@@ -105,7 +105,7 @@ def ceiling(model_path: Path, x: np.ndarray, batch: int) -> float:
 def best_batch(model_path: Path, repo: Path, model: str, variant: str) -> int:
     from service.batch.engines import calibrate_batch_size
     from service.batch.model import from_repository
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     spec = from_repository(ModelRepository(repo), model, None, variant)
     return calibrate_batch_size(_session(model_path), spec, seconds_each=0.5)
@@ -165,7 +165,7 @@ def read_only(path: Path, repo: Path, model: str, variant: str) -> float:
     """Rows/s of the job's reader alone (decode or parse, checks, conversion), no model."""
     from service.batch.model import from_repository
     from service.batch.readers import InputOptions, open_reader
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     spec = from_repository(ModelRepository(repo), model, None, variant)
     reader = open_reader(InputOptions(path), spec)
@@ -206,7 +206,7 @@ def _versions() -> dict[str, str]:
 
 def _repository(repo: Path, work: Path) -> tuple[Path, list[str]]:
     """``repo`` when it has the digits models, else digits-mlp built into ``work``."""
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     present = [m for m in MODELS if m in ModelRepository(repo).names()]
     if present:
@@ -221,7 +221,7 @@ def _repository(repo: Path, work: Path) -> tuple[Path, list[str]]:
 
 
 def run(opts: Options) -> dict[str, Any]:
-    from service.repository import ModelRepository
+    from service.core.repository import ModelRepository
 
     opts.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))

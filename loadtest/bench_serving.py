@@ -47,7 +47,7 @@ import orjson
 import psutil
 import typer
 
-from service.repository import Manifest, ModelRepository, TensorSpec, Variant
+from service.core.repository import Manifest, ModelRepository, TensorSpec, Variant
 
 __all__ = ["Cell", "LoadResult", "ServerProcess", "closed_loop", "build_repository", "run"]
 
@@ -571,8 +571,8 @@ async def closed_loop(
 def ort_ceiling(model_path: Path, batch: int, warmup_s: float, duration_s: float) -> float:
     """Samples/s of back-to-back ``run()`` calls in this process, with slimserve's session
     settings (the same ``SLIMSERVE_*`` environment the server gets)."""
-    from service.runtime import OrtSession, RuntimeOptions
-    from service.settings import Settings
+    from service.core.runtime import OrtSession, RuntimeOptions
+    from service.core.settings import Settings
 
     session = OrtSession(model_path, "ceiling", RuntimeOptions.from_settings(Settings()))
     spec = session.inputs[0]

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import get_settings
+from service.core.settings import get_settings
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.repository import Manifest, ModelRepository, ModelVersion, TensorSpec
+from service.core.repository import Manifest, ModelRepository, ModelVersion, TensorSpec
 
 
 def write_classifier_onnx(

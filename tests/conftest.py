@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.repository import Manifest, ModelRepository, TensorSpec
+from service.core.repository import Manifest, ModelRepository, TensorSpec
 
 
 def write_identity_onnx(path: Path, width: int = 4) -> None:
@@ -69,7 +69,7 @@ def zoo_copy(zoo_repo: ModelRepository, tmp_path: Path) -> ModelRepository:
 
 def random_feeds(specs, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs that satisfy declared specs: dynamic axes become ``batch`` (first) or 3 (others)."""
-    from service.datatypes import to_numpy
+    from service.core.datatypes import to_numpy
 
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -1,13 +1,13 @@
 """Engines: what runs the model over a stream of chunks, answering in input order.
 
-- ``local``: onnxruntime in this process (:class:`service.runtime.OrtSession`, the server's
+- ``local``: onnxruntime in this process (:class:`service.core.runtime.OrtSession`, the server's
   own session owner), the next chunk read in a background thread while this one runs.
 - ``http``: a running slimserve over the v2 protocol with binary tensors, with bounded
   concurrency and retries with backoff on 503 and connection errors.
 - ``ray``: Ray Data with an actor pool of onnxruntime sessions (``service.batch.ray_engine``,
   imported only when asked for, as Ray is an optional extra).
 
-Every engine validates rows with :func:`service.protocol.validate_inputs` (in-process) or the
+Every engine validates rows with :func:`service.core.protocol.validate_inputs` (in-process) or the
 server's own validation (http). A batch the model refuses as invalid input is split in halves
 until the refused rows are found; they become row errors and the rest is kept.
 """
@@ -30,10 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from ..datatypes import V2_TO_NUMPY
-from ..errors import InferenceFailed, InvalidInput
-from ..protocol import HEADER_LENGTH, InferRequest, decode_response, encode_request, validate_inputs
-from ..runtime import ModelLoadError, OrtSession, RuntimeOptions
+from service.core.datatypes import V2_TO_NUMPY
+from service.core.errors import InferenceFailed, InvalidInput
+from service.core.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    decode_response,
+    encode_request,
+    validate_inputs,
+)
+from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
+
 from .errors import JobFailed, SetupError
 from .model import ModelSpec, from_metadata
 from .readers import Chunk, Reader, RowError

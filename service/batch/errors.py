@@ -1,6 +1,6 @@
 """The batch runner's exceptions; the process exit code lives on the class.
 
-As with :class:`service.errors.ServingError` (HTTP status on the class), one handler in
+As with :class:`service.core.errors.ServingError` (HTTP status on the class), one handler in
 ``__main__`` turns these into a one-line message and the exit code, never a traceback.
 """
 

@@ -274,9 +274,9 @@ def _compare(old: dict[str, Any], new: dict[str, Any], layout: _Layout) -> None:
 
 
 def _make_engine(config: JobConfig, journal: dict[str, Any] | None) -> tuple[Engine, ModelSpec]:
-    from ..repository import ModelRepository
-    from ..runtime import RuntimeOptions
-    from ..settings import get_settings
+    from service.core.repository import ModelRepository
+    from service.core.runtime import RuntimeOptions
+    from service.core.settings import get_settings
 
     settings = get_settings()
     repo = ModelRepository(config.repo or settings.model_repository)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..datatypes import V2_TO_NUMPY
-from ..repository import Manifest, ModelRepository, RepositoryError, TensorSpec
+from service.core.datatypes import V2_TO_NUMPY
+from service.core.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
+
 from .errors import SetupError
 
 __all__ = ["ModelSpec", "OutputColumn", "from_repository", "from_metadata"]

@@ -5,7 +5,7 @@
   engine; a block is one chunk (every input row, with its error when it has one).
 - ``map_batches`` sends each block to a fixed-size pool of actors
   (``compute=ray.data.ActorPoolStrategy(size=n)``, Ray 2.51+; ``concurrency=`` is deprecated).
-  Each actor holds one :class:`service.runtime.OrtSession` on the ONNX bytes shipped to it (no
+  Each actor holds one :class:`service.core.runtime.OrtSession` on the ONNX bytes shipped to it (no
   shared file system needed for the model) and runs :meth:`LocalEngine.predict`, the local
   engine's own validate -> batch -> run path.
 - The driver iterates the results in input order (``preserve_order``) and the job writes them
@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..runtime import RuntimeOptions
+from service.core.runtime import RuntimeOptions
+
 from .engines import Engine, LocalEngine, Result, calibrate_batch_size
 from .errors import JobFailed, SetupError
 from .model import ModelSpec

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ..datatypes import V2_TO_NUMPY
+from service.core.datatypes import V2_TO_NUMPY
+
 from .errors import SetupError
 from .model import ModelSpec
 from .readers import SUFFIX_FORMATS

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_MODELS = ("digits-cnn", "digits-gan", "diabetes-linear", "digits-pca")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from service.batch import JobConfig, run_job
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.batch_models import publish_classifier
 from tests.e2e.conftest import start_server, stop_server
 

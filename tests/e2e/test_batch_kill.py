@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.batch_models import publish_classifier
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

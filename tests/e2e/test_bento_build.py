@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as triton
 
 from export.data import load
-from service.runtime import OrtSession
+from service.core.runtime import OrtSession
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

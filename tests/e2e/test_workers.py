@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.e2e.conftest import start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

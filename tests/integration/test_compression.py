@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from export.data import load
-from service.metrics import metrics
-from service.models import ModelStore
-from service.repository import ModelRepository
-from service.settings import Settings
-from service.v2 import V2App
+from service.core.repository import ModelRepository
+from service.core.settings import Settings
+from service.http.v2 import V2App
+from service.serving.metrics import metrics
+from service.serving.store import ModelStore
 
 pytestmark = pytest.mark.slow
 
@@ -195,7 +195,7 @@ def test_fp16_is_served_on_cuda(store: ModelStore) -> None:
 
 
 def test_friendly_endpoints_take_name_at_variant(store: ModelStore) -> None:
-    from service.friendly import classify
+    from service.http.friendly import classify
 
     rows = X.reshape(len(X), -1).tolist()
     answer = asyncio.run(classify(store, "digits-cnn@int8-static", rows))

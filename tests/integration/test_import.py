@@ -20,11 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client import REGISTRY
 
 from export.importer import ModelImportError, import_onnx
-from service.datatypes import from_numpy, to_numpy
-from service.models import ModelStore
-from service.repository import ModelRepository
-from service.settings import Settings
-from service.v2 import V2App
+from service.core.datatypes import from_numpy, to_numpy
+from service.core.repository import ModelRepository
+from service.core.settings import Settings
+from service.http.v2 import V2App
+from service.serving.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
 Feeds = dict[str, np.ndarray]

@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from export.data import load
-from service.models import ModelStore
-from service.repository import ModelRepository
-from service.settings import Settings
-from service.v2 import V2App
+from service.core.repository import ModelRepository
+from service.core.settings import Settings
+from service.http.v2 import V2App
+from service.serving.store import ModelStore
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from export import zoo
 from export.build import build
 from export.spec import PARITY_BATCH_SIZES
-from service.repository import IntegrityError, ModelRepository, sha256_file
+from service.core.repository import IntegrityError, ModelRepository, sha256_file
 from tests.conftest import random_feeds
 
 ROOT = Path(__file__).resolve().parents[2]

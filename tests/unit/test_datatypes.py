@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.datatypes import ORT_TO_V2, V2_TO_NUMPY, from_numpy, to_numpy
+from service.core.datatypes import ORT_TO_V2, V2_TO_NUMPY, from_numpy, to_numpy
 
 
 @pytest.mark.parametrize("name", [n for n in V2_TO_NUMPY if n != "BYTES"])

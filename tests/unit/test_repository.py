@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from service.repository import (
+from service.core.repository import (
     IntegrityError,
     Manifest,
     ManifestError,

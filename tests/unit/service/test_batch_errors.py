@@ -13,7 +13,7 @@ import pytest
 from service.batch import JobConfig, SetupError, TooManyErrors, run_job
 from service.batch.__main__ import main
 from service.batch.png import encode_png
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.batch_models import publish_classifier
 from tests.conftest import publish_identity
 

@@ -15,7 +15,7 @@ from service.batch import JobConfig, run_job
 from service.batch.model import from_repository
 from service.batch.png import encode_png, read_png
 from service.batch.readers import InputOptions, open_reader
-from service.repository import ModelRepository
+from service.core.repository import ModelRepository
 from tests.batch_models import publish_classifier
 from tests.conftest import publish_identity
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from service.batch import JobConfig, JobFailed, SetupError, run_job
-from service.protocol import (
+from service.core.protocol import (
     HEADER_LENGTH,
     decode_request,
     decode_response,

@@ -20,8 +20,8 @@ from service.batch.engines import (
 )
 from service.batch.errors import JobFailed
 from service.batch.model import from_repository
-from service.repository import ModelRepository
-from service.runtime import RuntimeOptions
+from service.core.repository import ModelRepository
+from service.core.runtime import RuntimeOptions
 from tests.batch_models import publish_classifier, reference_outputs
 
 ROWS = 50

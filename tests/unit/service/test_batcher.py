@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import BatchObserver, DynamicBatcher
-from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.core.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.serving.batcher import BatchObserver, DynamicBatcher
 
 
 class Recorder:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from service.errors import ModelNotFound, ModelNotReady
-from service.models import ModelStore
-from service.repository import ModelRepository
-from service.settings import Settings
+from service.core.errors import ModelNotFound, ModelNotReady
+from service.core.repository import ModelRepository
+from service.core.settings import Settings
+from service.serving.store import ModelStore
 from tests.conftest import publish_identity
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.outermost import PrefixDispatch, check_bentoml_internals
+from service.http.outermost import PrefixDispatch, check_bentoml_internals
 
 
 def test_bentoml_still_builds_the_worker_app_through_to_asgi() -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 import pytest
 
-from service.errors import InvalidInput
-from service.protocol import (
+from service.core.errors import InvalidInput
+from service.core.protocol import (
     InferRequest,
     RequestedOutput,
     decode_request,
@@ -15,7 +15,7 @@ from service.protocol import (
     select_outputs,
     validate_inputs,
 )
-from service.repository import TensorSpec
+from service.core.repository import TensorSpec
 
 SPEC = [TensorSpec("pixels", "FP32", (-1, 1, 8, 8))]
 

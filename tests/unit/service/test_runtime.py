@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from service.core.errors import InvalidInput
+from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 from tests.conftest import write_identity_onnx
 
 

@@ -43,7 +43,7 @@ class ModelLoadError(Exception):
 
 
 class RuntimeOptions:
-    """Session settings, taken from :class:`service.settings.Settings` (or given in tests)."""
+    """Session settings, taken from :class:`service.core.settings.Settings` (or given in tests)."""
 
     def __init__(
         self,

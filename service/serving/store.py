@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from ..core.errors import ModelNotFound, ModelNotReady
+from ..core.protocol import InferRequest, validate_inputs
+from ..core.repository import Manifest, ModelRepository, RepositoryError
+from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from ..core.settings import Settings
 from .batcher import BatchObserver, DynamicBatcher
-from .errors import ModelNotFound, ModelNotReady
 from .metrics import metrics
-from .protocol import InferRequest, validate_inputs
-from .repository import Manifest, ModelRepository, RepositoryError
-from .runtime import ModelLoadError, OrtSession, RuntimeOptions
-from .settings import Settings
 
 __all__ = ["LoadedModel", "ModelStore", "VARIANT_SEPARATOR"]
 

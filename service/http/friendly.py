@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .datatypes import from_numpy, to_numpy
-from .errors import InvalidInput
-from .models import LoadedModel, ModelStore
-from .protocol import InferRequest
+from ..core.datatypes import from_numpy, to_numpy
+from ..core.errors import InvalidInput
+from ..core.protocol import InferRequest
+from ..serving.store import LoadedModel, ModelStore
 
 __all__ = ["classify", "regress", "transform", "generate", "png_base64", "MAX_GENERATE"]
 

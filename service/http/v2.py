@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
-from .errors import (
+from ..core.errors import (
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
@@ -22,15 +22,15 @@ from .errors import (
     PayloadTooLarge,
     ServingError,
 )
-from .metrics import UNKNOWN_MODEL, metrics
-from .models import VARIANT_SEPARATOR, LoadedModel, ModelStore
-from .protocol import (
+from ..core.protocol import (
     HEADER_LENGTH,
     decode_request,
     dumps,
     encode_response,
     select_outputs,
 )
+from ..serving.metrics import UNKNOWN_MODEL, metrics
+from ..serving.store import VARIANT_SEPARATOR, LoadedModel, ModelStore
 
 __all__ = ["V2App", "PLATFORM", "EXTENSIONS", "respond_error"]
 

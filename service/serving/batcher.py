@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DeadlineExceeded, InferenceFailed, Overloaded, ServingError
+from ..core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServingError
 
 __all__ = ["BatchObserver", "DynamicBatcher"]
 
