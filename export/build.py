@@ -46,9 +46,9 @@ _CODE_ROOT = Path(__file__).resolve().parent.parent
 _NOT_BUILD_CODE = ("__main__.py", "importer.py")
 _CODE_FILES = sorted(
     [
-        *(p for p in (_CODE_ROOT / "export").glob("*.py") if p.name not in _NOT_BUILD_CODE),
-        _CODE_ROOT / "service" / "repository.py",
-        _CODE_ROOT / "service" / "datatypes.py",
+        *(p for p in (_CODE_ROOT / "export").rglob("*.py") if p.name not in _NOT_BUILD_CODE),
+        _CODE_ROOT / "service" / "core" / "repository.py",
+        _CODE_ROOT / "service" / "core" / "datatypes.py",
     ]
 )
 

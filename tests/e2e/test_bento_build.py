@@ -35,7 +35,8 @@ def test_bentoml_build_has_the_repository_and_only_serving_dependencies(
         p for p in (tmp_path / "home" / "bentos" / "slimserve").iterdir() if p.name != "latest"
     ]
     assert (bento / "src" / "models" / "digits-cnn" / "1" / "model.onnx").is_file()
-    assert (bento / "src" / "service" / "service.py").is_file()
+    for room in ("service.py", "core/repository.py", "serving/dataplane.py", "http/bento.py"):
+        assert (bento / "src" / "service" / room).is_file(), f"the Bento lacks service/{room}"
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements and "bentoml==1.4.39" in requirements
     for heavy in ("torch", "scikit-learn", "skl2onnx", "onnxscript"):
