@@ -10,10 +10,10 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "ModelServing", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -66,6 +66,45 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+
+
+class ModelServing(BaseModel):
+    """A model's own serving settings: the manifest's ``serving`` object, each field overriding
+    the server-wide setting of the same name. Parsed when the model loads, so a bad value marks
+    that model not ready with the reason instead of stopping the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    max_batch_size: int | None = Field(None, ge=1, description="Overrides max_batch_size.")
+    max_queue_delay_ms: float | None = Field(
+        None, ge=0.0, description="Overrides max_queue_delay_ms."
+    )
+    max_queue_size: int | None = Field(None, ge=1, description="Overrides max_queue_size.")
+
+    @classmethod
+    def parse(cls, raw: object, model: str) -> ModelServing:
+        """The manifest's ``serving`` object; :class:`ValueError` naming the bad field."""
+        try:
+            return cls.model_validate(raw if raw is not None else {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'serving'}: {e['msg']} "
+                f"(got {e['input']!r})"
+                for e in exc.errors()
+            )
+            raise ValueError(
+                f"model '{model}': manifest 'serving' is invalid: {problems}"
+            ) from None
+
+    def batching(self, defaults: Settings) -> tuple[int, float, int]:
+        """``(max_batch_size, max_queue_delay_s, max_queue_size)`` with the server defaults
+        filling what the model does not set."""
+        delay_ms = self.max_queue_delay_ms
+        return (
+            self.max_batch_size if self.max_batch_size is not None else defaults.max_batch_size,
+            (delay_ms if delay_ms is not None else defaults.max_queue_delay_ms) / 1000.0,
+            self.max_queue_size if self.max_queue_size is not None else defaults.max_queue_size,
+        )
 
 
 @cache

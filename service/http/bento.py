@@ -1,7 +1,7 @@
 """The BentoML service: loads the model store and wires the lean /v2 app in front; no logic.
 
 Start it with ``python -m service`` (what ``make serve`` runs), or ``bentoml serve
-service.service:SlimServe``; settings come from ``SLIMSERVE_*`` (service/settings.py).
+service.service:SlimServe``; settings come from ``SLIMSERVE_*`` (service/core/settings.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from starlette.responses import JSONResponse
 from ..core.errors import ModelNotReady, ServingError
 from ..core.repository import ModelRepository
 from ..core.settings import get_settings
+from ..serving.dataplane import DataPlane
 from ..serving.store import ModelStore
 from . import friendly
-from .outermost import mount_outermost
+from .outermost import mount_outermost, require_live
 from .v2 import V2App, respond_error
 
 __all__ = ["SlimServe"]
@@ -62,14 +63,24 @@ Rows = Annotated[
 ModelName = Annotated[str, Field(description="A model of the repository, e.g. digits-cnn.")]
 
 
-async def _friendly(call: Awaitable[dict[str, Any]]) -> dict[str, Any] | JSONResponse:
-    """Our errors leave as {"error": ...} with their status, as on /v2 (BentoML's own handler
+#: a friendly endpoint's answer (its OpenAPI schema: a JSON object, pinned by ``output_spec``)
+Answer = dict[str, Any]
+
+
+class ErrorResponse(JSONResponse):
+    """``{"error": ...}`` with the error's status and headers, as on /v2 (BentoML's own handler
     would wrap 4xx bodies in a list and hide 5xx messages)."""
+
+    def __init__(self, exc: ServingError) -> None:
+        super().__init__({"error": exc.message}, exc.status_code, headers=exc.headers)
+
+
+async def _friendly(call: Awaitable[Answer]) -> Answer | ErrorResponse:
     try:
         return await call
     except ServingError as exc:
         _log.warning("%d %s", exc.status_code, exc.message)
-        return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+        return ErrorResponse(exc)
 
 
 @bentoml.service(
@@ -83,35 +94,38 @@ class SlimServe:
     """Every model of the repository on onnxruntime, over the Open Inference Protocol v2."""
 
     def __init__(self) -> None:
-        self.store = ModelStore(ModelRepository(_settings.model_repository), _settings)
-        self.store.load_all()
-        self.v2 = V2App(self.store)
+        # the worker built its ASGI app before creating this instance: /v2 must be routed
+        require_live("slimserve")
+        store = ModelStore(ModelRepository(_settings.model_repository), _settings)
+        store.load_all()
+        self.dataplane = DataPlane(store)
+        self.v2 = V2App(self.dataplane)
         # the loaded graphs and sessions live as long as the worker: keep them out of the
         # cyclic GC's full collections (measured: 100-230 ms pauses otherwise)
         gc.freeze()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
-        await self.store.close()
+        await self.dataplane.close()
 
-    @bentoml.api(route="/classify")
+    @bentoml.api(route="/classify", output_spec=dict)
     async def classify(
         self, model: ModelName, rows: Rows, top_k: Annotated[int, Field(ge=1, le=100)] = 1
-    ) -> dict[str, Any]:
+    ) -> Answer | ErrorResponse:
         """Labels and probabilities for each row, best first."""
-        return await _friendly(friendly.classify(self.store, model, rows, top_k))
+        return await _friendly(friendly.classify(self.dataplane, model, rows, top_k))
 
-    @bentoml.api(route="/regress")
-    async def regress(self, model: ModelName, rows: Rows) -> dict[str, Any]:
+    @bentoml.api(route="/regress", output_spec=dict)
+    async def regress(self, model: ModelName, rows: Rows) -> Answer | ErrorResponse:
         """One predicted value per row, in the target's units."""
-        return await _friendly(friendly.regress(self.store, model, rows))
+        return await _friendly(friendly.regress(self.dataplane, model, rows))
 
-    @bentoml.api(route="/transform")
-    async def transform(self, model: ModelName, rows: Rows) -> dict[str, Any]:
+    @bentoml.api(route="/transform", output_spec=dict)
+    async def transform(self, model: ModelName, rows: Rows) -> Answer | ErrorResponse:
         """Embeddings (PCA, VAE encoder, autoencoder) or cluster assignments, per row."""
-        return await _friendly(friendly.transform(self.store, model, rows))
+        return await _friendly(friendly.transform(self.dataplane, model, rows))
 
-    @bentoml.api(route="/generate")
+    @bentoml.api(route="/generate", output_spec=dict)
     async def generate(
         self,
         model: ModelName,
@@ -122,9 +136,11 @@ class SlimServe:
         ] = None,
         format: Literal["array", "png"] = "array",
         scale: Annotated[int, Field(ge=1, le=32, description="PNG pixel size.")] = 8,
-    ) -> dict[str, Any]:
+    ) -> Answer | ErrorResponse:
         """Seeded samples: arrays in [0, 1], or base64 PNG images."""
-        return await _friendly(friendly.generate(self.store, model, n, seed, labels, format, scale))
+        return await _friendly(
+            friendly.generate(self.dataplane, model, n, seed, labels, format, scale)
+        )
 
 
 async def _v2(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -133,7 +149,7 @@ async def _v2(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if service is None:  # only possible before BentoML finished starting the worker
         error = ModelNotReady("the server is still loading models", _settings.retry_after_s)
         return await respond_error(send, error)
-    await service.http.v2(scope, receive, send)
+    await service.v2(scope, receive, send)
 
 
 mount_outermost(SlimServe, _v2, "/v2")

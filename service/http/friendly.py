@@ -1,7 +1,8 @@
 """Plain-JSON endpoints for people who do not speak v2: classify, regress, generate, transform.
 
-Each takes a model name and rows of numbers, runs the model the one way every endpoint does
-(:meth:`ModelStore.infer`: validate -> batch -> onnxruntime) and answers in the task's terms.
+Each takes a model name and rows of numbers and hands the dataplane a decoder (rows -> the
+model's input tensor) and an encoder (outputs -> an answer in the task's terms): the model runs
+the one way every transport runs it (:meth:`DataPlane.infer`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from ..core.datatypes import from_numpy, to_numpy
 from ..core.errors import InvalidInput
 from ..core.protocol import InferRequest
-from ..serving.store import LoadedModel, ModelStore
+from ..serving.dataplane import DataPlane, Decode, Inference
+from ..serving.store import LoadedModel
 
 __all__ = ["classify", "regress", "transform", "generate", "png_base64", "MAX_GENERATE"]
 
@@ -53,7 +55,27 @@ def _single_input(model: LoadedModel, rows: list[list[float]]) -> InferRequest:
     return InferRequest({spec.name: array}, {spec.name: spec.datatype})
 
 
-def _check_task(model: LoadedModel, endpoint: str, tasks: tuple[str, ...]) -> None:
+#: the tasks each endpoint serves (a model whose manifest says "unknown" is served by all)
+TASKS = {
+    "classify": ("classification",),
+    "regress": ("regression",),
+    "transform": ("dimensionality_reduction", "encoding", "clustering", "reconstruction"),
+    "generate": ("generation",),
+}
+
+
+def _rows_for(endpoint: str, rows: list[list[float]]) -> Decode:
+    """The decoder of the row-taking endpoints: the task check, then rows -> the one input."""
+
+    async def decode(model: LoadedModel) -> InferRequest:
+        _check_task(model, endpoint)
+        return _single_input(model, rows)
+
+    return decode
+
+
+def _check_task(model: LoadedModel, endpoint: str) -> None:
+    tasks = TASKS[endpoint]
     task = model.manifest.task if model.manifest else "unknown"
     if task not in (*tasks, "unknown"):
         raise InvalidInput(
@@ -66,54 +88,57 @@ def _answer(model: LoadedModel, **body: Any) -> dict[str, Any]:
 
 
 async def classify(
-    store: ModelStore, name: str, rows: list[list[float]], top_k: int = 1
+    dataplane: DataPlane, name: str, rows: list[list[float]], top_k: int = 1
 ) -> dict[str, Any]:
     """Labels with probabilities, best first (``top_k`` of them per row)."""
-    model = store.ready_model(name)
-    _check_task(model, "classify", ("classification",))
-    outputs = await store.infer(model, _single_input(model, rows))
-    probabilities = outputs.get("probabilities")
-    if probabilities is None or probabilities.ndim != 2:
-        raise InvalidInput(
-            f"model '{name}' has no 'probabilities' output [-1, classes] to classify with"
-        )
-    labels = (model.manifest.labels if model.manifest else None) or [
-        str(i) for i in range(probabilities.shape[1])
-    ]
-    k = max(1, min(top_k, probabilities.shape[1]))
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    predictions = []
-    for row, idx in zip(probabilities, order, strict=True):
-        ranked = [{"label": labels[i], "probability": float(row[i])} for i in idx]
-        predictions.append({**ranked[0], "top_k": ranked})
-    return _answer(model, predictions=predictions)
+
+    def encode(done: Inference) -> dict[str, Any]:
+        model = done.model
+        probabilities = done.values.get("probabilities")
+        if probabilities is None or probabilities.ndim != 2:
+            raise InvalidInput(
+                f"model '{name}' has no 'probabilities' output [-1, classes] to classify with"
+            )
+        labels = (model.manifest.labels if model.manifest else None) or [
+            str(i) for i in range(probabilities.shape[1])
+        ]
+        k = max(1, min(top_k, probabilities.shape[1]))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        predictions = []
+        for row, idx in zip(probabilities, order, strict=True):
+            ranked = [{"label": labels[i], "probability": float(row[i])} for i in idx]
+            predictions.append({**ranked[0], "top_k": ranked})
+        return _answer(model, predictions=predictions)
+
+    return await dataplane.infer(name, None, _rows_for("classify", rows), encode)
 
 
-async def regress(store: ModelStore, name: str, rows: list[list[float]]) -> dict[str, Any]:
+async def regress(dataplane: DataPlane, name: str, rows: list[list[float]]) -> dict[str, Any]:
     """One value per row (a list per row for multi-target models)."""
-    model = store.ready_model(name)
-    _check_task(model, "regress", ("regression",))
-    outputs = await store.infer(model, _single_input(model, rows))
-    values = next(iter(outputs.values()))
-    flat = values.reshape(len(rows), -1)
-    return _answer(model, values=flat[:, 0].tolist() if flat.shape[1] == 1 else flat.tolist())
+
+    def encode(done: Inference) -> dict[str, Any]:
+        flat = next(iter(done.values.values())).reshape(len(rows), -1)
+        values = flat[:, 0].tolist() if flat.shape[1] == 1 else flat.tolist()
+        return _answer(done.model, values=values)
+
+    return await dataplane.infer(name, None, _rows_for("regress", rows), encode)
 
 
-async def transform(store: ModelStore, name: str, rows: list[list[float]]) -> dict[str, Any]:
+async def transform(dataplane: DataPlane, name: str, rows: list[list[float]]) -> dict[str, Any]:
     """Every output of an embedding, PCA, encoder, autoencoder or clustering model, per row."""
-    model = store.ready_model(name)
-    _check_task(
-        model, "transform", ("dimensionality_reduction", "encoding", "clustering", "reconstruction")
-    )
-    outputs = await store.infer(model, _single_input(model, rows))
-    body = {k: v.tolist() for k, v in outputs.items()}
-    if model.manifest and model.manifest.task == "clustering" and "label" in outputs:
-        body["cluster"] = body.pop("label")
-    return _answer(model, outputs=body)
+
+    def encode(done: Inference) -> dict[str, Any]:
+        body = {k: v.tolist() for k, v in done.values.items()}
+        manifest = done.model.manifest
+        if manifest and manifest.task == "clustering" and "label" in body:
+            body["cluster"] = body.pop("label")
+        return _answer(done.model, outputs=body)
+
+    return await dataplane.infer(name, None, _rows_for("transform", rows), encode)
 
 
 async def generate(
-    store: ModelStore,
+    dataplane: DataPlane,
     name: str,
     n: int = 1,
     seed: int = 0,
@@ -122,21 +147,46 @@ async def generate(
     scale: int = 8,
 ) -> dict[str, Any]:
     """``n`` samples from a generator, seeded: the same seed gives the same samples."""
-    model = store.ready_model(name)
-    _check_task(model, "generate", ("generation",))
+
+    async def decode(model: LoadedModel) -> InferRequest:
+        _check_task(model, "generate")
+        if not 1 <= n <= MAX_GENERATE:
+            raise InvalidInput(f"'n': expected 1..{MAX_GENERATE} samples, got {n}")
+        if image_format not in ("array", "png"):
+            raise InvalidInput(f"'format': expected 'array' or 'png', got {image_format!r}")
+        if not 1 <= scale <= 32:
+            raise InvalidInput(f"'scale': expected 1..32, got {scale}")
+        return _latent_request(model, n, seed, labels)
+
+    def encode(done: Inference) -> dict[str, Any]:
+        images = np.clip(next(iter(done.values.values())).reshape(n, -1), 0.0, 1.0)
+        side = int(round(np.sqrt(images.shape[1])))
+        if image_format == "png":
+            if side * side != images.shape[1]:
+                raise InvalidInput(
+                    f"model '{name}' does not output square images; use format 'array'"
+                )
+            encoded = [png_base64(img.reshape(side, side), scale) for img in images]
+            return _answer(done.model, seed=seed, format="png", images=encoded)
+        return _answer(done.model, seed=seed, format="array", images=images.tolist())
+
+    return await dataplane.infer(name, None, decode, encode)
+
+
+def _latent_request(
+    model: LoadedModel, n: int, seed: int, labels: list[int] | None
+) -> InferRequest:
+    """Seeded noise for each float input; the class to draw for a conditional generator's
+    integer input."""
     assert model.session is not None
-    if not 1 <= n <= MAX_GENERATE:
-        raise InvalidInput(f"'n': expected 1..{MAX_GENERATE} samples, got {n}")
-    if image_format not in ("array", "png"):
-        raise InvalidInput(f"'format': expected 'array' or 'png', got {image_format!r}")
-    if not 1 <= scale <= 32:
-        raise InvalidInput(f"'scale': expected 1..32, got {scale}")
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     for spec in model.session.inputs:
         dims = list(spec.shape[1:])
         if -1 in dims:
-            raise InvalidInput(f"model '{name}': input '{spec.name}' has no fixed size to sample")
+            raise InvalidInput(
+                f"model '{model.name}': input '{spec.name}' has no fixed size to sample"
+            )
         if spec.datatype == "INT64":  # the class to draw (conditional generators)
             wanted = labels if labels is not None else [i % 10 for i in range(n)]
             if len(wanted) != n:
@@ -147,17 +197,8 @@ async def generate(
         else:
             inputs[spec.name] = rng.standard_normal((n, *dims)).astype(np.float32)
     if labels is not None and not any(t.datatype == "INT64" for t in model.session.inputs):
-        raise InvalidInput(f"model '{name}' is not conditional: it takes no 'labels'")
-    request = InferRequest(inputs, {k: from_numpy(v.dtype) for k, v in inputs.items()})
-    outputs = await store.infer(model, request)
-    images = np.clip(next(iter(outputs.values())).reshape(n, -1), 0.0, 1.0)
-    side = int(round(np.sqrt(images.shape[1])))
-    if image_format == "png":
-        if side * side != images.shape[1]:
-            raise InvalidInput(f"model '{name}' does not output square images; use format 'array'")
-        encoded = [png_base64(img.reshape(side, side), scale) for img in images]
-        return _answer(model, seed=seed, format="png", images=encoded)
-    return _answer(model, seed=seed, format="array", images=images.tolist())
+        raise InvalidInput(f"model '{model.name}' is not conditional: it takes no 'labels'")
+    return InferRequest(inputs, {k: from_numpy(v.dtype) for k, v in inputs.items()})
 
 
 def png_base64(image: np.ndarray, scale: int = 1) -> str:

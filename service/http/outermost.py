@@ -12,19 +12,42 @@ How: BentoML 1.4's worker builds its ASGI app with exactly one call,
 uvicorn. We wrap ``_bentoml_sdk.service.factory.Service.to_asgi`` so that, for services
 registered here, the app it returns is a path dispatcher: ``/v2...`` to the lean app,
 everything else (lifespan included) to BentoML's app, which keeps workers, lifecycle,
-``/livez``, ``/readyz`` and ``/metrics``. :func:`check_bentoml_internals` fails loudly when an
-upgrade moves that hook (``tests/unit/service/test_outermost.py`` calls it).
+``/livez``, ``/readyz`` and ``/metrics``.
+
+When an upgrade moves that hook, nothing fails silently: :func:`check_bentoml_internals` is
+asked at import, and a BentoML that no longer builds its app through ``to_asgi`` gets ``/v2``
+mounted with BentoML's public ``mount_asgi_app`` instead (slower, behind its middleware), with a
+warning. The worker then calls :func:`require_live` at start, which raises when neither route
+is in place, so a server can never come up "ready" with every ``/v2`` call a 404. Services are
+matched by name, not identity: a service module imported twice is still one service.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any
 
-__all__ = ["PrefixDispatch", "mount_outermost", "check_bentoml_internals"]
+__all__ = [
+    "PrefixDispatch",
+    "mount_outermost",
+    "check_bentoml_internals",
+    "require_live",
+    "OutermostRouteDead",
+]
 
-_REGISTRY: list[tuple[Any, str, Any]] = []  # (service, prefix, lean app)
+log = logging.getLogger("slimserve.outermost")
+
+#: service name -> (prefix, lean app), for every service registered here
+_REGISTRY: dict[str, tuple[str, Any]] = {}
+#: service name -> how its prefix is served: "outermost" (in front of BentoML's middleware,
+#: set when BentoML built the app) or "mounted" (the public fallback)
+_LIVE: dict[str, str] = {}
+
+
+class OutermostRouteDead(RuntimeError):
+    """The lean app is registered but no route reaches it."""
 
 
 class PrefixDispatch:
@@ -58,15 +81,34 @@ def check_bentoml_internals() -> None:
     if "service.to_asgi(" not in source or "uvicorn.Config(" not in source:
         raise RuntimeError(
             "bentoml's worker no longer builds its app with service.to_asgi(); "
-            "the outermost /v2 route of service/outermost.py would be dead"
+            "the outermost /v2 route of service/http/outermost.py would be dead"
         )
 
 
-def mount_outermost(service: Any, lean_app: Any, prefix: str = "/v2") -> None:
-    """Serve ``prefix`` of ``service`` (a ``@bentoml.service`` class) with ``lean_app``."""
+def mount_outermost(service: Any, lean_app: Any, prefix: str = "/v2") -> str:
+    """Serve ``prefix`` of ``service`` (a ``@bentoml.service`` class) with ``lean_app``, in
+    front of BentoML's middleware where this BentoML allows it, else mounted the public way.
+    Returns ``"outermost"`` or ``"mounted"``."""
+    try:
+        check_bentoml_internals()
+    except Exception as exc:  # any change in BentoML's internals: take the public road
+        log.warning(
+            "BentoML internals changed (%s); serving %s through mount_asgi_app, behind "
+            "BentoML's middleware (slower)",
+            exc,
+            prefix,
+        )
+        service.mount_asgi_app(lean_app, path=prefix, name=f"slimserve{prefix}")
+        _LIVE[service.name] = "mounted"
+        return "mounted"
+    _REGISTRY[service.name] = (prefix, lean_app)
+    _wrap_to_asgi()
+    return "outermost"
+
+
+def _wrap_to_asgi() -> None:
     from _bentoml_sdk.service.factory import Service
 
-    _REGISTRY.append((service, prefix, lean_app))
     if getattr(Service.to_asgi, "__slimserve_outermost__", False):
         return
     original = Service.to_asgi
@@ -74,10 +116,25 @@ def mount_outermost(service: Any, lean_app: Any, prefix: str = "/v2") -> None:
     @functools.wraps(original)
     def to_asgi(self: Any, is_main: bool = True) -> Any:
         app = original(self, is_main=is_main)
-        for registered, pfx, lean in _REGISTRY:
-            if registered is self:
-                app = PrefixDispatch(lean, app, pfx)
+        registered = _REGISTRY.get(self.name)
+        if registered is not None:
+            prefix, lean = registered
+            app = PrefixDispatch(lean, app, prefix)
+            _LIVE[self.name] = "outermost"
         return app
 
     to_asgi.__slimserve_outermost__ = True  # type: ignore[attr-defined]
     Service.to_asgi = to_asgi  # type: ignore[method-assign]
+
+
+def require_live(name: str) -> str:
+    """How ``name``'s lean route is served; :class:`OutermostRouteDead` when it is not (the
+    worker built its app some other way). Call it when the worker starts."""
+    how = _LIVE.get(name)
+    if how is None:
+        raise OutermostRouteDead(
+            f"service {name!r}: the worker's ASGI app was built without the /v2 route "
+            "(BentoML no longer calls Service.to_asgi); refusing to start with every /v2 "
+            "call a 404"
+        )
+    return how

@@ -4,7 +4,9 @@ Every servable variant of a model's latest version is loaded (FP32, INT8, pruned
 manifest's default variant answers requests that name none. A variant is addressed as
 ``name@variant`` (in a URL or a friendly endpoint's ``model``) or with the v2 request parameter
 ``variant``. A model that fails to load (corrupt file, hash mismatch, unreadable manifest, a graph
-onnxruntime rejects) stays in the store as not ready, with the reason; the others serve.
+onnxruntime rejects, a ``serving`` object with a bad value) stays in the store as not ready,
+with the reason; the others serve. :meth:`ModelStore.resolve` is the one lookup every request
+makes; running a model is :mod:`service.serving.dataplane`'s business.
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnxruntime as ort
 
-from ..core.errors import ModelNotFound, ModelNotReady
-from ..core.protocol import InferRequest, validate_inputs
+from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady
 from ..core.repository import Manifest, ModelRepository, RepositoryError
 from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
-from ..core.settings import Settings
+from ..core.settings import ModelServing, Settings
 from .batcher import BatchObserver, DynamicBatcher
-from .metrics import metrics
+from .metrics import UNKNOWN_MODEL, metrics
 
 __all__ = ["LoadedModel", "ModelStore", "VARIANT_SEPARATOR"]
 
@@ -38,6 +38,7 @@ class LoadedModel:
     manifest: Manifest | None = None
     session: OrtSession | None = None
     batcher: DynamicBatcher | None = None
+    serving: ModelServing = field(default_factory=ModelServing)
     error: str | None = None
     #: every variant of this model version that is loaded (the default one included)
     siblings: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
@@ -80,7 +81,8 @@ class ModelStore:
         try:
             entry = self.repository.get(name, version)
             entry.verify()
-        except RepositoryError as exc:
+            serving = ModelServing.parse(entry.manifest.serving, name)
+        except (RepositoryError, ValueError) as exc:
             return self._not_ready(name, version, "fp32", exc)
         manifest = entry.manifest
         default = manifest.default_variant
@@ -101,7 +103,7 @@ class ModelStore:
                 log.error("model %s: variant %s is not served: %s", name, variant, exc)
                 unservable[variant] = f"onnxruntime could not load it: {exc}"
                 continue
-            model = LoadedModel(name, version, variant, manifest, session)
+            model = LoadedModel(name, version, variant, manifest, session, serving=serving)
             model.batcher = self._batcher(model)
             m = metrics()
             m.load_seconds.labels(*model.labels).set(session.load_seconds)
@@ -133,9 +135,8 @@ class ModelStore:
         return model
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher:
-        assert model.session is not None and model.manifest is not None
-        overrides = model.manifest.serving
-        s = self.settings
+        assert model.session is not None
+        max_batch_size, max_queue_delay_s, max_queue_size = model.serving.batching(self.settings)
         session = model.session
         splittable = all(t.shape and t.shape[0] == -1 for t in [*session.inputs, *session.outputs])
         m = metrics()
@@ -155,77 +156,72 @@ class ModelStore:
         return DynamicBatcher(
             session.run,
             f"{model.name}:{model.version}",
-            max_batch_size=int(overrides.get("max_batch_size", s.max_batch_size)),
-            max_queue_delay_s=float(overrides.get("max_queue_delay_ms", s.max_queue_delay_ms))
-            / 1000.0,
-            max_queue_size=int(overrides.get("max_queue_size", s.max_queue_size)),
-            retry_after_s=s.retry_after_s,
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=max_queue_delay_s,
+            max_queue_size=max_queue_size,
+            retry_after_s=self.settings.retry_after_s,
             splittable=splittable,
             observer=BatchObserver(queue_wait=queue.observe, batch=on_batch),
         )
 
-    def find(
+    def resolve(
         self, name: str, version: str | None = None, variant: str | None = None
     ) -> LoadedModel:
-        """The model by name (and version, as in the URL), ``name@variant`` or ``variant``;
-        404 when unknown."""
-        name, _, suffix = name.partition(VARIANT_SEPARATOR)
-        if suffix and variant and suffix != variant:
-            raise ModelNotFound(
-                f"model '{name}': the URL asks for variant '{suffix}', the request for "
-                f"'{variant}'; name one"
+        """The one lookup of a request: ``name`` (or ``name@variant``), the version the URL
+        names, and the variant a request parameter names.
+
+        404 for an unknown model, version or variant; 400 when the name and the parameter
+        name different variants; 503 with the reason when the model failed to load.
+        """
+        base, _, pinned = name.partition(VARIANT_SEPARATOR)
+        if variant is not None and (not isinstance(variant, str) or not variant):
+            raise InvalidInput(
+                f"request parameter 'variant' for model '{base}': expected a variant "
+                f"name (string), got {variant!r}"
             )
-        model = self.models.get(name)
+        if pinned and variant and pinned != variant:
+            raise InvalidInput(
+                f"model '{base}': the URL names variant '{pinned}', the request parameter "
+                f"'variant' names '{variant}'; name one"
+            )
+        model = self.models.get(base)
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"model '{name}' is not served here (models: {known})")
+            raise ModelNotFound(f"model '{base}' is not served here (models: {known})")
         if version is not None and version != str(model.version):
             raise ModelNotFound(
-                f"model '{name}' has no version '{version}' loaded "
+                f"model '{base}' has no version '{version}' loaded "
                 f"(serving version {model.version})"
             )
-        variant = suffix or variant
-        return model if not variant else self.variant(model, variant)
-
-    def variant(self, model: LoadedModel, variant: str) -> LoadedModel:
-        """Another variant of the same model version; 404 naming the servable ones."""
-        if variant == model.variant:
-            return model
-        self.require_ready(model)
-        sibling = model.siblings.get(variant)
-        if sibling is not None:
-            return sibling
-        servable = sorted(model.siblings)
-        if variant in model.unservable:
-            raise ModelNotFound(
-                f"model '{model.name}' variant '{variant}' is not served here: "
-                f"{model.unservable[variant]} (served variants: {', '.join(servable)})"
-            )
-        raise ModelNotFound(
-            f"model '{model.name}' has no variant '{variant}' (served variants: "
-            f"{', '.join(servable)})"
-        )
-
-    def ready_model(self, name: str, version: str | None = None) -> LoadedModel:
-        """Like :meth:`find`, and 503 with the reason when the model failed to load."""
-        return self.require_ready(self.find(name, version))
-
-    def require_ready(self, model: LoadedModel) -> LoadedModel:
         if not model.ready:
             raise ModelNotReady(
                 f"model '{model.name}' version {model.version} is not ready: {model.error}",
                 self.settings.retry_after_s,
             )
-        return model
+        wanted = pinned or variant
+        return model if not wanted or wanted == model.variant else self._sibling(model, wanted)
 
-    async def infer(self, model: LoadedModel, request: InferRequest) -> dict[str, np.ndarray]:
-        """validate -> batch -> onnxruntime: the one way every endpoint runs a model."""
-        assert model.session is not None and model.batcher is not None
-        samples = validate_inputs(request, model.session.inputs, model.name)
-        outputs = await model.batcher.infer(
-            request.inputs, samples, self.settings.request_timeout_s
+    @staticmethod
+    def _sibling(model: LoadedModel, variant: str) -> LoadedModel:
+        """Another variant of the same model version; 404 naming the servable ones."""
+        sibling = model.siblings.get(variant)
+        if sibling is not None:
+            return sibling
+        servable = ", ".join(sorted(model.siblings))
+        if variant in model.unservable:
+            raise ModelNotFound(
+                f"model '{model.name}' variant '{variant}' is not served here: "
+                f"{model.unservable[variant]} (served variants: {servable})"
+            )
+        raise ModelNotFound(
+            f"model '{model.name}' has no variant '{variant}' (served variants: {servable})"
         )
-        return dict(zip(model.session.output_names, outputs, strict=True))
+
+    def labels(self, name: str) -> tuple[str, str, str]:
+        """Metric labels for a request naming ``name``, before it is resolved: the model's
+        default variant, or the one ``unknown`` value (an unknown name adds no series)."""
+        model = self.models.get(name.partition(VARIANT_SEPARATOR)[0])
+        return model.labels if model is not None else (UNKNOWN_MODEL, "", "")
 
     async def close(self) -> None:
         for default in self.models.values():

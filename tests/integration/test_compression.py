@@ -14,6 +14,7 @@ from export.data import load
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
 from service.http.v2 import V2App
+from service.serving.dataplane import DataPlane
 from service.serving.metrics import metrics
 from service.serving.store import ModelStore
 
@@ -89,7 +90,8 @@ def test_default_is_the_fastest_within_budget_and_the_card_says_why(
             chosen = m.variants[m.default_variant].details["measurement"]
             assert chosen["speedup"]["32"] >= sel["budget"]["min_speedup"]
             faster = [
-                v for v in eligible - {"fp32"}
+                v
+                for v in eligible - {"fp32"}
                 if m.variants[v].details["measurement"]["speedup"]["32"] > chosen["speedup"]["32"]
             ]
             assert not faster
@@ -114,7 +116,7 @@ def store(zoo_repo: ModelRepository) -> ModelStore:
 
 def call(store: ModelStore, method: str, path: str, **kwargs) -> httpx.Response:
     async def main():
-        transport = httpx.ASGITransport(app=V2App(store))
+        transport = httpx.ASGITransport(app=V2App(DataPlane(store)))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, **kwargs)
 
@@ -123,7 +125,14 @@ def call(store: ModelStore, method: str, path: str, **kwargs) -> httpx.Response:
 
 def body(x: np.ndarray, **extra) -> dict:
     return {
-        "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "inputs": [
+            {
+                "name": "pixels",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
         **extra,
     }
 
@@ -143,7 +152,10 @@ def test_every_variant_is_addressable_over_http(store: ModelStore) -> None:
     for variant in ("fp32", "int8-static", "pruned"):
         by_url = call(store, "POST", f"/v2/models/digits-cnn@{variant}/infer", json=body(X))
         by_param = call(
-            store, "POST", "/v2/models/digits-cnn/infer", json=body(X, parameters={"variant": variant})
+            store,
+            "POST",
+            "/v2/models/digits-cnn/infer",
+            json=body(X, parameters={"variant": variant}),
         )
         assert by_url.json()["parameters"] == {"variant": variant}
         assert labels(by_url) == labels(by_param)
@@ -165,10 +177,30 @@ def test_metadata_carries_the_variants_and_the_card(store: ModelStore) -> None:
 @pytest.mark.parametrize(
     ("path", "extra", "status", "message"),
     [
-        ("/v2/models/digits-cnn@int4/infer", {}, 404, "model 'digits-cnn' has no variant 'int4' (served variants: distilled, fp32, int8-dynamic, int8-static, pruned"),
-        ("/v2/models/digits-cnn/infer", {"parameters": {"variant": 3}}, 400, "request parameter 'variant' for model 'digits-cnn': expected a variant name (string), got 3"),
-        ("/v2/models/digits-cnn@pruned/infer", {"parameters": {"variant": "fp32"}}, 400, "the URL names variant 'pruned', the request parameter 'variant' names 'fp32'; name one"),
-        ("/v2/models/iris-knn@pruned/infer", {}, 404, "model 'iris-knn' variant 'pruned' is not served here: not applicable: a scikit-learn estimator"),
+        (
+            "/v2/models/digits-cnn@int4/infer",
+            {},
+            404,
+            "model 'digits-cnn' has no variant 'int4' (served variants: distilled, fp32, int8-dynamic, int8-static, pruned",
+        ),
+        (
+            "/v2/models/digits-cnn/infer",
+            {"parameters": {"variant": 3}},
+            400,
+            "request parameter 'variant' for model 'digits-cnn': expected a variant name (string), got 3",
+        ),
+        (
+            "/v2/models/digits-cnn@pruned/infer",
+            {"parameters": {"variant": "fp32"}},
+            400,
+            "the URL names variant 'pruned', the request parameter 'variant' names 'fp32'; name one",
+        ),
+        (
+            "/v2/models/iris-knn@pruned/infer",
+            {},
+            404,
+            "model 'iris-knn' variant 'pruned' is not served here: not applicable: a scikit-learn estimator",
+        ),
     ],
 )
 def test_bad_variant_requests_get_clear_errors(store, path, extra, status, message) -> None:
@@ -183,7 +215,10 @@ def test_bad_variant_requests_get_clear_errors(store, path, extra, status, messa
 def test_fp16_without_cuda_is_refused_with_the_reason(store: ModelStore) -> None:
     response = call(store, "POST", "/v2/models/digits-cnn@fp16/infer", json=body(X))
     assert response.status_code == 404
-    assert "variant 'fp16' is not served here: built but not measured or served here" in response.json()["error"]
+    assert (
+        "variant 'fp16' is not served here: built but not measured or served here"
+        in response.json()["error"]
+    )
 
 
 @pytest.mark.gpu
@@ -198,6 +233,6 @@ def test_friendly_endpoints_take_name_at_variant(store: ModelStore) -> None:
     from service.http.friendly import classify
 
     rows = X.reshape(len(X), -1).tolist()
-    answer = asyncio.run(classify(store, "digits-cnn@int8-static", rows))
+    answer = asyncio.run(classify(DataPlane(store), "digits-cnn@int8-static", rows))
     assert answer["model"] == "digits-cnn" and answer["variant"] == "int8-static"
     assert len(answer["predictions"]) == len(rows)

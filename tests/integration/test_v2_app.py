@@ -14,6 +14,7 @@ from export.data import load
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
 from service.http.v2 import V2App
+from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def store(app_repo: ModelRepository) -> ModelStore:
 
 def run(store: ModelStore, coro_fn):
     async def main():
-        transport = httpx.ASGITransport(app=V2App(store))
+        transport = httpx.ASGITransport(app=V2App(DataPlane(store)))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await coro_fn(client)
 
@@ -147,8 +148,12 @@ def test_many_concurrent_clients_with_mixed_batch_sizes_get_their_own_results(
 
 def binary_header(x: np.ndarray, **extra) -> bytes:
     """The JSON header of a v2 request whose ``features`` input follows as raw bytes."""
-    tensor = {"name": "features", "shape": list(x.shape), "datatype": "FP32",
-              "parameters": {"binary_data_size": x.nbytes}}
+    tensor = {
+        "name": "features",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": x.nbytes},
+    }
     return orjson.dumps({"inputs": [tensor], **extra})
 
 

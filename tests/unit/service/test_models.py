@@ -31,8 +31,45 @@ def test_a_model_that_fails_to_load_is_kept_as_not_ready(tiny_repo: ModelReposit
     store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
     store.load_all()
     assert store.models["alpha"].ready and not store.models["beta"].ready
-    with pytest.raises(ModelNotReady, match=r"model 'beta' version 1 is not ready: .*sha256") as info:
-        store.ready_model("beta")
+    with pytest.raises(
+        ModelNotReady, match=r"model 'beta' version 1 is not ready: .*sha256"
+    ) as info:
+        store.resolve("beta")
     assert info.value.headers == {"Retry-After": "1"}
-    with pytest.raises(ModelNotFound, match=r"model 'zeta' is not served here \(models: alpha, beta\)"):
-        store.find("zeta")
+    with pytest.raises(
+        ModelNotFound, match=r"model 'zeta' is not served here \(models: alpha, beta\)"
+    ):
+        store.resolve("zeta")
+
+
+@pytest.mark.parametrize(
+    ("serving", "expected"),
+    [
+        (
+            {"max_batch_size": 0},
+            r"max_batch_size: Input should be greater than or equal to 1 \(got 0\)",
+        ),
+        ({"max_batch_size": "8"}, r"max_batch_size: Input should be a valid integer \(got '8'\)"),
+        (
+            {"max_queue_delay_ms": -1},
+            r"max_queue_delay_ms: Input should be greater than or equal to 0",
+        ),
+        ({"max_batch": 8}, r"max_batch: Extra inputs are not permitted \(got 8\)"),
+        ([8], r"serving: Input should be a valid dictionary"),
+    ],
+)
+def test_a_bad_serving_value_marks_only_that_model_not_ready(
+    tiny_repo: ModelRepository, serving: object, expected: str
+) -> None:
+    model = publish_identity(tiny_repo, "gamma")
+    path = model.path / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "serving": serving}))
+    store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
+    store.load_all()
+    assert store.models["alpha"].ready and not store.models["gamma"].ready
+    with pytest.raises(ModelNotReady, match=r"model 'gamma' version 1 is not ready: ") as info:
+        store.resolve("gamma")
+    assert "manifest 'serving' is invalid" in str(info.value)
+    assert info.value.status_code == 503
+    with pytest.raises(ModelNotReady, match=expected):
+        store.resolve("gamma")

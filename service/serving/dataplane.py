@@ -1,0 +1,197 @@
+"""The dataplane: what every transport asks of the server, answered once.
+
+MLServer's ``DataPlane`` is the model: the v2 REST app, the friendly JSON endpoints and later
+gRPC and the Ray Serve replica are thin codecs around this module. A request's whole path reads
+top to bottom in :meth:`DataPlane.infer`:
+
+    resolve the model -> decode (the transport's codec) -> pick the variant the request names
+    -> choose outputs -> validate -> batch -> onnxruntime -> encode (the transport's codec)
+
+and every request metric is observed here, whichever transport the request came by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..core.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    ServingError,
+)
+from ..core.protocol import InferRequest, RequestedOutput, select_outputs, validate_inputs
+from .metrics import ServingMetrics, metrics
+from .store import LoadedModel, ModelStore
+
+__all__ = ["DataPlane", "Inference", "Decode", "Encode", "PLATFORM", "EXTENSIONS"]
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_OUTCOMES: list[tuple[type[ServingError], str]] = [
+    (InvalidInput, "invalid_input"),
+    (ModelNotFound, "not_found"),
+    (PayloadTooLarge, "too_large"),
+    (ModelNotReady, "not_ready"),
+    (Overloaded, "overloaded"),
+    (DeadlineExceeded, "overloaded"),
+]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True, frozen=True)
+class Inference:
+    """A request that ran: the variant that served it, the request, the outputs to send back
+    (in order) and every output's values by name."""
+
+    model: LoadedModel
+    request: InferRequest
+    outputs: list[RequestedOutput]
+    values: dict[str, np.ndarray]
+
+
+#: a transport's decoder: the resolved model in, the request's tensors out (a v2 body is read
+#: only once the model is known to exist and be ready)
+Decode = Callable[[LoadedModel], Awaitable[InferRequest]]
+#: a transport's encoder: the result in its wire format
+Encode = Callable[[Inference], T]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("slimserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class DataPlane:
+    """Server and model metadata, health, the repository index, and inference."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.settings = store.settings
+
+    # ---------------------------------------------------------------- inference, top to bottom
+
+    async def infer(self, name: str, version: str | None, decode: Decode, encode: Encode[T]) -> T:
+        """Run ``name`` (``name@variant``; ``version`` when the client names one) on the
+        request ``decode`` produces, and return ``encode``'s answer. Errors are
+        :class:`ServingError` with their status; each request is counted once, by outcome."""
+        start = time.perf_counter()
+        m = metrics()
+        labels = self.store.labels(name)
+        try:
+            model = self.store.resolve(name, version)
+            labels = model.labels
+            with _in_flight(m, labels):
+                request = await decode(model)
+                asked = request.parameters.get("variant")
+                if asked is not None:  # v2 parameter: another variant of the same version
+                    model = self.store.resolve(name, version, asked)
+                    labels = model.labels
+                answer = encode(await self._run(model, request))
+        except ServingError as exc:
+            outcome = next((o for t, o in _OUTCOMES if isinstance(exc, t)), "error")
+            m.requests.labels(*labels, outcome).inc()
+            raise
+        except Exception:
+            m.requests.labels(*labels, "error").inc()
+            raise
+        m.requests.labels(*labels, "success").inc()
+        m.request_duration.labels(*labels).observe(time.perf_counter() - start)
+        return answer
+
+    async def _run(self, model: LoadedModel, request: InferRequest) -> Inference:
+        """validate -> batch -> onnxruntime: the one way every transport runs a model."""
+        session, batcher = model.session, model.batcher
+        assert session is not None and batcher is not None  # resolve() returns ready models
+        wanted = select_outputs(request, session.output_names, model.name)
+        samples = validate_inputs(request, session.inputs, model.name)
+        outputs = await batcher.infer(request.inputs, samples, self.settings.request_timeout_s)
+        return Inference(
+            model, request, wanted, dict(zip(session.output_names, outputs, strict=True))
+        )
+
+    # ---------------------------------------------------------------- metadata and health
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "slimserve", "version": _version(), "extensions": EXTENSIONS}
+
+    def not_ready(self) -> dict[str, str]:
+        """Every model that failed to load, with the reason."""
+        return {n: m.error or "" for n, m in self.store.models.items() if not m.ready}
+
+    def server_ready(self) -> bool:
+        """Ready while at least one model serves (the others are reported with reasons)."""
+        return len(self.not_ready()) < len(self.store.models)
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.store.resolve(name, version).ready
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """v2 model metadata, plus which variant this is, the others, and the compression card."""
+        model = self.store.resolve(name, version)
+        assert model.session is not None and model.manifest is not None
+        manifest = model.manifest
+        variants = {}
+        for variant, entry in manifest.variants.items():
+            measured = entry.details.get("measurement") or {}
+            variants[variant] = {
+                "served": variant in model.siblings,
+                "reason": model.unservable.get(variant),
+                "metrics": measured.get("metrics"),
+                "speedup": measured.get("speedup"),
+                "size_bytes": measured.get("size_bytes"),
+                "parameters": measured.get("parameters"),
+            }
+        return {
+            "name": model.name,
+            "versions": [str(model.version)],
+            "platform": PLATFORM,
+            "inputs": [t.to_dict() for t in model.session.inputs],
+            "outputs": [t.to_dict() for t in model.session.outputs],
+            "parameters": {
+                "variant": model.variant,
+                "default_variant": manifest.default_variant,
+                "provider": model.session.provider,
+                "variants": variants,
+                "selection": manifest.selection.get("reason"),
+                "card": model.card,
+            },
+        }
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """The repository extension's index: every model, its state and the reason."""
+        return [
+            {
+                "name": m.name,
+                "version": str(m.version),
+                "state": "READY" if m.ready else "UNAVAILABLE",
+                "reason": m.error or "",
+            }
+            for m in self.store.models.values()
+        ]
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+@contextmanager
+def _in_flight(m: ServingMetrics, labels: tuple[str, str, str]) -> Iterator[None]:
+    gauge = m.in_flight.labels(*labels)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
