@@ -9,18 +9,22 @@ Scenarios (pick one or more by class name):
 
 ``make loadtest`` runs one headless, bounded in users and time (see the Makefile), e.g.
 ``locust -f loadtest/locustfile.py --headless -u 16 -t 30s -H http://127.0.0.1:3000 MixedUser``.
+
+The rows come from ``samples.npz`` beside this file (the datasets' test splits, written by
+``python -m loadtest.samples``), so the load generator needs only locust and numpy: neither
+scikit-learn nor anything of slimserve.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import orjson
 from locust import FastHttpUser, between, events, task
-
-from export.data import load
 
 __all__ = ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser", "PAYLOADS"]
 
@@ -40,10 +44,12 @@ PAYLOADS: dict[str, tuple[str, str, list[int]]] = {
     "breast-cancer-random-forest": ("breast-cancer", "features", [30]),
 }
 DEFAULT_MIXED = "digits-cnn,digits-mlp,diabetes-svr,iris-knn,wine-decision-tree,digits-pca"
+#: dataset -> its test split, (rows, features) float32; see loadtest/samples.py
+SAMPLES = Path(__file__).resolve().with_name("samples.npz")
 
 
 @events.init_command_line_parser.add_listener
-def _arguments(parser) -> None:
+def _arguments(parser: Any) -> None:
     parser.add_argument(
         "--models",
         default=DEFAULT_MIXED,
@@ -52,8 +58,13 @@ def _arguments(parser) -> None:
 
 
 @cache
+def _test_splits() -> dict[str, np.ndarray]:
+    with np.load(SAMPLES, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
 def _test_split(dataset: str) -> np.ndarray:
-    return load(dataset).x_test
+    return _test_splits()[dataset]
 
 
 def _rows(model: str) -> np.ndarray:
@@ -62,17 +73,20 @@ def _rows(model: str) -> np.ndarray:
 
 
 @events.init.add_listener
-def _load_payloads(**_kwargs) -> None:
+def _load_payloads(**_kwargs: Any) -> None:
     """Load every test split before the clock starts: a user's first request is then a
-    request, not a dataset load blocking the event loop (a bounded ``-t 3s`` run would measure
-    nothing)."""
+    request, not a file read blocking the event loop (and a missing dataset fails here)."""
     for dataset in {d for d, _, _ in PAYLOADS.values()}:
         _test_split(dataset)
 
 
+def _dumps(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def _json_body(model: str, x: np.ndarray) -> bytes:
     _, name, _ = PAYLOADS[model]
-    return orjson.dumps(
+    return _dumps(
         {
             "inputs": [
                 {
@@ -95,7 +109,7 @@ class _Slimserve(FastHttpUser):
     ) -> None:
         with self.client.post(
             f"/v2/models/{model}/infer",
-            data=body,
+            data=body,  # type: ignore[arg-type]  # locust sends bytes; its hint says str
             name=f"v2 infer {model}",
             headers={"content-type": "application/json", **(headers or {})},
             catch_response=True,
@@ -103,7 +117,7 @@ class _Slimserve(FastHttpUser):
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
             elif "inference-header-content-length" not in r.headers:
-                outputs = orjson.loads(r.content)["outputs"]
+                outputs = json.loads(r.content)["outputs"]
                 if outputs[0]["shape"][0] != samples:
                     r.failure(f"expected {samples} rows back, got {outputs[0]['shape']}")
 
@@ -126,7 +140,7 @@ class V2BinaryUser(_Slimserve):
     def thirty_two_digits(self) -> None:
         i = random.randrange(len(self.x) - 32)
         x = np.ascontiguousarray(self.x[i : i + 32])
-        header = orjson.dumps(
+        header = _dumps(
             {
                 "inputs": [
                     {

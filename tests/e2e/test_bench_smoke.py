@@ -1,4 +1,4 @@
-"""``python -m loadtest.bench_serving`` end to end, with tiny cells: it runs, writes well-formed
+"""``python -m loadtest.serving`` end to end, with tiny cells: it runs, writes well-formed
 results, and leaves no server behind. Nothing here is about speed (that is ``make bench``)."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _alive(pid: int, create_time: float) -> bool:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "loadtest.bench_serving", "--quick", "--skip-startup"]
+    cmd = [sys.executable, "-m", "loadtest.serving", "--quick", "--skip-startup"]
     cmd += ["--cell-seconds", "0.3", "--warmup-seconds", "0.1", "--concurrency", "1,4"]
     cmd += ["--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ def run_locust(server, out: Path, scenario: str, *extra: str) -> dict[str, dict[
     locust = Path(sys.executable).with_name("locust")
     cmd = [str(locust), "-f", "loadtest/locustfile.py", "--headless", "-u", "4", "-r", "4",
            "-t", "4s", "-H", server.url, "--csv", str(out / "locust"), "--html",
-           str(out / "report.html"), "--only-summary", *extra, scenario]
+           str(out / "report.html"), "--only-summary", *extra, scenario]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     with open(out / "locust_stats.csv") as fh:
         rows = {r["Name"]: r for r in csv.DictReader(fh)}
@@ -33,7 +33,9 @@ def run_locust(server, out: Path, scenario: str, *extra: str) -> dict[str, dict[
 
 @pytest.mark.parametrize("scenario", ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser"])
 def test_scenario_runs_without_failures(server, tmp_path: Path, scenario: str) -> None:
-    rows = run_locust(server, tmp_path, scenario, "--models", "digits-cnn,diabetes-linear,digits-pca")
+    rows = run_locust(
+        server, tmp_path, scenario, "--models", "digits-cnn,diabetes-linear,digits-pca"
+    )
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 10
     assert int(total["Failure Count"]) == 0

@@ -1,0 +1,121 @@
+"""The load generator: closed-loop aiohttp clients against one server, for a fixed time.
+
+``concurrency`` asyncio clients each send their next request as soon as the last one answered,
+cycling through pre-encoded bodies (so the client spends its CPU on HTTP, not on JSON). Only
+requests that start and end inside the measured window, after the warm-up, count. Alongside it
+records errors by status, latency percentiles, and the CPU seconds of the server's process tree
+and of this client process over the same window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import psutil
+
+from loadtest.serving.servers import ServerProcess
+
+__all__ = ["LoadResult", "Payloads", "closed_loop"]
+
+
+@dataclass(frozen=True)
+class Payloads:
+    """Pre-encoded request bodies, so the client spends its CPU on HTTP, not on JSON."""
+
+    bodies: list[bytes]
+    headers: dict[str, str]
+    expect: dict[str, list[int]]  # output name -> shape, checked once before the load
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    seconds: float
+    req_per_s: float
+    samples_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    server_cpu_percent: float
+    client_cpu_percent: float
+    server_memory: dict[str, Any]
+
+
+async def closed_loop(
+    server: ServerProcess,
+    url: str,
+    load: Payloads,
+    concurrency: int,
+    samples_per_request: int,
+    warmup_s: float,
+    duration_s: float,
+) -> LoadResult:
+    """``concurrency`` clients, each sending its next request as soon as the last one
+    answered; only requests that start and end inside the measured window count."""
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    me = psutil.Process()
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    start = time.perf_counter()
+    measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
+
+    async def client(i: int, http: aiohttp.ClientSession) -> None:
+        k = i
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= measure_to:
+                return
+            body = load.bodies[k % len(load.bodies)]
+            k += concurrency
+            try:
+                async with http.post(url, data=body, headers=load.headers) as resp:
+                    await resp.read()
+                    status = str(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status = f"exception:{type(exc).__name__}"
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= measure_to:
+                statuses[status] += 1
+                if status == "200":
+                    latencies.append(t1 - t0)
+
+    async def probe() -> tuple[float, float, float, float]:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        s0, c0 = server.cpu_seconds(), sum(me.cpu_times()[:2])
+        await asyncio.sleep(max(0.0, measure_to - time.perf_counter()))
+        return s0, server.cpu_seconds(), c0, sum(me.cpu_times()[:2])
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        probing = asyncio.ensure_future(probe())
+        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+        s0, s1, c0, c1 = await probing
+    memory = server.memory()
+    ok = statuses.pop("200", 0)
+    lat = np.array(latencies) * 1000 if latencies else np.array([math.nan])
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    return LoadResult(
+        requests=ok + sum(statuses.values()),
+        ok=ok,
+        errors=dict(statuses),
+        seconds=duration_s,
+        req_per_s=ok / duration_s,
+        samples_per_s=ok * samples_per_request / duration_s,
+        p50_ms=float(p50),
+        p95_ms=float(p95),
+        p99_ms=float(p99),
+        mean_ms=float(lat.mean()),
+        server_cpu_percent=100 * (s1 - s0) / duration_s,
+        client_cpu_percent=100 * (c1 - c0) / duration_s,
+        server_memory=memory,
+    )
