@@ -49,7 +49,7 @@ verify: install
 # Builds the default repository when it has no model, then starts the server; host, port,
 # workers and the rest come from SLIMSERVE_* settings (see README).
 serve: install
-	@if [ -z "$$($(PY) -c 'from service.repository import ModelRepository as R; print(*R("$(REPO)").names())')" ]; then \
+	@if [ -z "$$($(PY) -c 'from service.core.repository import ModelRepository as R; print(*R("$(REPO)").names())')" ]; then \
 		$(PY) -m export build --repo $(REPO); fi
 	SLIMSERVE_MODEL_REPOSITORY=$(REPO) $(PY) -m service
 
@@ -59,13 +59,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# ruff (rules and formatting) over the code and its tests, mypy over the code.
+LINTED := service export loadtest
 lint: install
-	$(VENV)/bin/ruff check service export tests
+	$(VENV)/bin/ruff check $(LINTED) tests
+	$(VENV)/bin/ruff format --check $(LINTED) tests
+	$(VENV)/bin/mypy $(LINTED)
 
 # Serving benchmark: slimserve against a minimal FastAPI + uvicorn + onnxruntime server on the
 # same models, started and stopped by the harness; results in loadtest/results/<UTC time>/.
 bench: install
-	$(PY) -m loadtest.bench_serving $(BENCH_ARGS)
+	$(PY) -m loadtest.serving $(BENCH_ARGS)
 
 # Locust, headless and bounded, against a running server (make serve in another shell):
 #   make loadtest SCENARIO=MixedUser USERS=16 RUN_TIME=30s URL=http://127.0.0.1:3000
@@ -86,7 +90,7 @@ loadtest: install
 BATCH_DIR  ?= loadtest/results/batch-sample
 BATCH_ROWS ?= 10000
 batch: install
-	@if ! $(PY) -c 'import sys; from service.repository import ModelRepository as R; sys.exit("digits-mlp" not in R("$(REPO)").names())'; then \
+	@if ! $(PY) -c 'import sys; from service.core.repository import ModelRepository as R; sys.exit("digits-mlp" not in R("$(REPO)").names())'; then \
 		$(PY) -m export build --only digits-mlp --repo $(REPO); fi
 	$(PY) -m loadtest.bench_batch --sample $(BATCH_DIR)/digits.parquet --rows $(BATCH_ROWS)
 	$(PY) -m service.batch --model digits-mlp --repo $(REPO) --input $(BATCH_DIR)/digits.parquet \
