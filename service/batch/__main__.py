@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .engines.base import ENGINES
 from .errors import BatchError
 from .job import JobConfig, run_job
 from .readers import DEFAULT_CHUNK_ROWS, INPUT_FORMATS
@@ -55,6 +56,15 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n" + (__doc__ or "").split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _what_to_run(p)
+    _input_and_output(p)
+    _running(p)
+    _http_engine(p)
+    _ray_engine(p)
+    return p
+
+
+def _what_to_run(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--model", required=True, help="model name in the repository (or on the server)"
@@ -68,12 +78,14 @@ def parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--engine",
-        choices=("local", "http", "ray"),
+        choices=ENGINES,
         default="local",
         help="local: onnxruntime in this process; http: a running slimserve; ray: Ray Data "
         "[default: local]",
     )
 
+
+def _input_and_output(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("input and output")
     io.add_argument(
         "--input", type=Path, required=True, help="input file, or a folder of .png images"
@@ -109,6 +121,8 @@ def parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--summary-json", type=Path, help="also write the summary as JSON here")
 
+
+def _running(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("running")
     run.add_argument(
         "--chunk-rows",
@@ -144,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
+
+def _http_engine(p: argparse.ArgumentParser) -> None:
     http = p.add_argument_group("http engine")
     http.add_argument("--url", help="server [default: http://SLIMSERVE_HOST:SLIMSERVE_PORT]")
     http.add_argument("--concurrency", type=int, default=4, help="requests in flight [default: 4]")
@@ -169,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
         help="seconds per request [default: 60]",
     )
 
+
+def _ray_engine(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("ray engine")
     ray.add_argument(
         "--ray-address", help="a running cluster (ray://host:10001 or auto) [default: a local Ray]"
@@ -177,7 +195,6 @@ def parser() -> argparse.ArgumentParser:
         "--ray-actors", type=int, help="onnxruntime actors [default: the cluster's CPUs - 1]"
     )
     ray.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray [default: all]")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,215 +33,42 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from .engines import ENGINES, Engine, Result, background_priority
+from .config import JobConfig
+from .engines import Engine, Result, background_priority
 from .errors import AlreadyComplete, Interrupted, JobFailed, SetupError, TooManyErrors
+from .journal import (
+    JOURNAL_FORMAT,
+    Layout,
+    check_output,
+    check_unchanged,
+    fsync,
+    prepare_work,
+    rewind,
+    write_json_atomic,
+)
 from .model import ModelSpec, from_repository
 from .progress import Progress, Summary, peak_rss_mib
-from .readers import DEFAULT_CHUNK_ROWS, InputOptions, Reader, open_reader
+from .readers import InputOptions, Reader, open_reader
 from .writers import (
     OutputSchema,
     Writer,
-    fsync_file,
     output_format,
     read_work_part,
     write_work_part,
     writer_for,
 )
 
-__all__ = ["JobConfig", "run_job", "JOURNAL_FORMAT"]
+__all__ = ["JobConfig", "run_job"]
 
 log = logging.getLogger("slimserve.batch")
 
-JOURNAL_FORMAT = "slimserve.batch-journal/1"
 _QUEUE_DEPTH = 2
-
-
-@dataclass
-class JobConfig:
-    """Everything ``python -m service.batch`` takes; checks itself."""
-
-    model: str
-    input: Path
-    output: Path
-    engine: str = "local"
-    repo: Path | None = None  # None: SLIMSERVE_MODEL_REPOSITORY (settings), default models/
-    version: int | None = None
-    variant: str | None = None
-    input_format: str | None = None
-    output_format: str | None = None
-    features: tuple[str, ...] | None = None
-    id_column: str | None = None
-    header: bool = True
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    batch_size: int | None = None  # None: the model's best (local, ray) or 512 (http)
-    max_error_rate: float = 0.01
-    errors_path: Path | None = None  # None: <output>.errors.jsonl
-    resume: bool = False
-    overwrite: bool = False
-    url: str | None = None  # http engine; None: the settings' host and port
-    concurrency: int = 4
-    retries: int = 5
-    timeout_s: float = 60.0
-    retry_backoff_s: float = 0.5  # the first wait; doubled at every retry (with jitter)
-    ray_address: str | None = None
-    ray_actors: int | None = None
-    ray_cpus: int | None = None
-    threads: int | None = None  # onnxruntime intra-op threads; None: the settings'
-    progress: bool = True
-    summary_json: Path | None = None
-    #: keep one part file per chunk in the folder ``output``; None: when ``output`` is given
-    #: as a string ending in "/" or names an existing folder
-    folder_output: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.folder_output is None:
-            text = str(self.output)  # a Path has already lost a trailing "/"
-            self.folder_output = text.endswith(("/", os.sep)) or Path(text).is_dir()
-        self.input, self.output = Path(self.input), Path(self.output)
-        if self.engine not in ENGINES:
-            raise SetupError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if not 0.0 <= self.max_error_rate <= 1.0:
-            raise SetupError(f"--max-error-rate: expected 0..1, got {self.max_error_rate}")
-        for name in ("chunk_rows", "concurrency"):
-            if getattr(self, name) < 1:
-                raise SetupError(
-                    f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}"
-                )
-        if self.batch_size is not None and self.batch_size < 1:
-            raise SetupError(f"--batch-size: expected >= 1, got {self.batch_size}")
-        if self.retries < 0:
-            raise SetupError(f"--retries: expected >= 0, got {self.retries}")
-        if self.resume and self.overwrite:
-            raise SetupError("--resume and --overwrite contradict each other; pass one")
-
-
-# --------------------------------------------------------------------------------------------
-# where things go
-
-
-@dataclass
-class _Layout:
-    output: Path
-    work: Path
-    journal: Path
-    errors_work: Path
-    errors_final: Path
-    folder: bool
-
-    @classmethod
-    def of(cls, config: JobConfig) -> _Layout:
-        out = config.output
-        if config.folder_output:
-            errors = config.errors_path or out / "_errors.jsonl"
-            return cls(out, out, out / "_journal.json", out / "_errors.jsonl", errors, True)
-        work = out.with_name(out.name + ".partial")
-        errors = config.errors_path or out.with_name(out.name + ".errors.jsonl")
-        return cls(out, work, work / "journal.json", work / "errors.jsonl", errors, False)
-
-    def suffix(self, writer: Writer) -> str:
-        """Folder output keeps parts in the output format; a file output keeps Arrow IPC."""
-        return writer.suffix if self.folder else ".arrow"
-
-    def part(self, index: int, writer: Writer) -> Path:
-        return self.work / f"part-{index:06d}{self.suffix(writer)}"
-
-    def parts(self, count: int, writer: Writer) -> list[Path]:
-        return [self.part(i, writer) for i in range(count)]
-
-    @property
-    def output_tmp(self) -> Path:
-        return self.work / "output.tmp"
-
-
-def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_journal(path: Path) -> dict[str, Any]:
-    try:
-        doc = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise SetupError(
-            f"journal {path} is not readable ({exc}); start over with --overwrite"
-        ) from None
-    if not isinstance(doc, dict) or doc.get("format") != JOURNAL_FORMAT:
-        raise SetupError(
-            f"journal {path} is not a {JOURNAL_FORMAT} journal; start over with --overwrite"
-        )
-    return doc
-
-
-def _check_output(config: JobConfig, layout: _Layout) -> dict[str, Any] | None:
-    """Refuse to clobber, find the journal to resume; returns it (or None for a fresh job)."""
-    out = layout.output
-    anchor = out if layout.folder and out.exists() else out.parent
-    if not anchor.is_dir():
-        raise SetupError(f"output {out}: the folder {anchor} does not exist")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise SetupError(f"output {out}: the folder {anchor} is not writable (permissions)")
-    if not layout.folder and out.is_dir():
-        raise SetupError(
-            f"output {out} is a folder; end the path with / to write part files into it"
-        )
-    journal = layout.journal if layout.journal.exists() else None
-    if config.resume:
-        if journal is not None:
-            return _read_journal(journal)
-        if layout.folder and (out / "_SUCCESS").exists() or not layout.folder and out.exists():
-            return {"complete": True}
-        return None
-    if journal is not None and not config.overwrite:
-        doc = _read_journal(journal)
-        raise SetupError(
-            f"output {out}: {layout.work} holds an unfinished job ({doc.get('next_chunk', 0)} of "
-            f"{doc.get('chunks', '?')} chunks committed); pass --resume to continue it or "
-            "--overwrite to start over"
-        )
-    exists = out.is_dir() and any(out.iterdir()) if layout.folder else out.exists()
-    if exists and not config.overwrite:
-        raise SetupError(f"output {out} already exists; pass --overwrite to replace it")
-    return None
-
-
-def _prepare_work(layout: _Layout, fresh: bool) -> None:
-    """Create the work folder (clearing it for a fresh job); :class:`SetupError` if unwritable."""
-    try:
-        if fresh and layout.work.exists() and not layout.folder:
-            shutil.rmtree(layout.work)
-        if fresh and layout.folder and layout.work.exists():
-            for entry in layout.work.iterdir():
-                if entry.is_file() and (entry.name.startswith(("part-", "_"))):
-                    entry.unlink()
-        layout.work.mkdir(parents=False, exist_ok=True)
-        probe = layout.work / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise SetupError(
-            f"output {layout.output}: cannot write {layout.work} ({exc.strerror or exc})"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,16 +88,6 @@ def _identity(
         "output_format": fmt,
         "columns": schema.to_dict(),
     }
-
-
-def _compare(old: dict[str, Any], new: dict[str, Any], layout: _Layout) -> None:
-    changed = [k for k in new if old.get(k) != new[k]]
-    if changed:
-        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new[k]!r}" for k in changed[:3])
-        raise SetupError(
-            f"cannot resume {layout.work}: the job changed ({detail}); run the original "
-            "command again, or start over with --overwrite"
-        )
 
 
 def _make_engine(config: JobConfig, journal: dict[str, Any] | None) -> tuple[Engine, ModelSpec]:
@@ -317,7 +134,7 @@ def _make_engine(config: JobConfig, journal: dict[str, Any] | None) -> tuple[Eng
     model = from_repository(repo, config.model, version, variant)
     if config.engine == "ray":
         try:
-            from .ray_engine import RayEngine
+            from .engines.ray import RayEngine
         except ImportError as exc:
             raise SetupError(
                 f"--engine ray needs Ray Data ({exc}): pip install 'slimserve[batch-ray]'"
@@ -364,7 +181,7 @@ class _Committer:
 
     def __init__(
         self,
-        layout: _Layout,
+        layout: Layout,
         writer: Writer,
         journal: dict[str, Any],
         progress: Progress,
@@ -433,7 +250,7 @@ class _Committer:
                 self.writer.write_part(values, tmp)
             else:
                 table = write_work_part(values, self.schema, tmp)
-            fsync_file(tmp)
+            fsync(tmp)
             os.replace(tmp, part)
             if result.errors:
                 self._errors.write(
@@ -457,7 +274,7 @@ class _Committer:
         journal["errors_bytes"] = self._errors.tell()
         journal["elapsed_s"] = journal["elapsed_before_s"] + time.perf_counter() - self.run_started
         journal["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        _write_json_atomic(self.layout.journal, journal)
+        write_json_atomic(self.layout.journal, journal)
         if not self.layout.folder and self.writer.streaming:
             self.writer.add(values, table)
         self.progress.advance(rows, journal["errors"])
@@ -485,12 +302,12 @@ def run_job(config: JobConfig, stream: Any = None) -> Summary:
     """Run (or resume) one job; raises a :class:`BatchError` subclass when it cannot finish."""
     started = time.perf_counter()
     stream = stream or sys.stderr
-    layout = _Layout.of(config)
+    layout = Layout.of(config)
     with _signals_raise():
         try:
             if not config.input.exists():  # before any model or server is looked at
                 raise SetupError(f"input {config.input} does not exist")
-            journal = _check_output(config, layout)
+            journal = check_output(config, layout)
             if journal and journal.get("complete"):
                 raise AlreadyComplete(f"{layout.output} is complete; nothing to resume")
             engine, model = _make_engine(config, journal)
@@ -504,7 +321,7 @@ def run_job(config: JobConfig, stream: Any = None) -> Summary:
 
 def _run(
     config: JobConfig,
-    layout: _Layout,
+    layout: Layout,
     journal: dict[str, Any] | None,
     engine: Engine,
     model: ModelSpec,
@@ -526,34 +343,10 @@ def _run(
         writer = writer_for(fmt, schema)
         identity = _identity(config, model, reader, fmt, schema)
         if journal is not None:
-            _compare(journal["job"], identity, layout)
+            check_unchanged(journal["job"], identity, layout)
         if config.engine != "http":
             engine.open()
-        _prepare_work(layout, fresh=journal is None)
-        if journal is None:
-            journal = {
-                "format": JOURNAL_FORMAT,
-                "job": identity,
-                "chunks": reader.n_chunks,
-                "batch_size": engine.batch_size,
-                "engine": engine.describe(),
-                "next_chunk": 0,
-                "rows": 0,
-                "predicted": 0,
-                "errors": 0,
-                "errors_bytes": 0,
-                "elapsed_s": 0.0,
-                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-            layout.errors_work.write_bytes(b"")
-            _write_json_atomic(layout.journal, journal)
-        else:
-            _rewind(layout, journal, writer)
-        if not layout.folder:
-            writer.open(layout.output_tmp)
-            if writer.streaming:  # the output file again, from the committed parts
-                for part in layout.parts(journal["next_chunk"], writer):
-                    writer.add(read_work_part(part, schema))
+        journal = _open_work(layout, journal, identity, reader.n_chunks, engine, writer, schema)
         first = journal["next_chunk"]
         rows_at_start = journal["rows"]
         journal["elapsed_before_s"] = journal.get("elapsed_s", 0.0)
@@ -567,28 +360,7 @@ def _run(
         committer = _Committer(
             layout, writer, journal, progress, schema, model, reader.id_name, compute_started
         )
-        try:
-            try:
-                if first < reader.n_chunks:
-                    for result in engine.results(reader, first):
-                        committer.put(result)
-            except KeyboardInterrupt:
-                raise Interrupted("interrupted (Ctrl-C)", signal.SIGINT) from None
-            finally:
-                committer.join()
-        except Interrupted as exc:
-            writer.discard()
-            progress.close()
-            raise Interrupted(
-                f"{exc.message}: {journal['rows']:,} of {reader.total_rows:,} rows committed "
-                f"({journal['next_chunk']} of {reader.n_chunks} chunks) in {layout.work}; run the "
-                "same command with --resume to continue",
-                exc.exit_code - 128,
-            ) from None
-        except BaseException:
-            writer.discard()
-            progress.close()
-            raise
+        _stream(engine, reader, first, committer, writer, progress, layout)
         progress.close()
         if journal["next_chunk"] != reader.n_chunks:
             raise JobFailed(
@@ -629,25 +401,82 @@ def _run(
     return summary
 
 
-def _rewind(layout: _Layout, journal: dict[str, Any], writer: Writer) -> None:
-    """Undo whatever was written after the journal's last commit."""
-    committed = journal["next_chunk"]
-    with open(layout.errors_work, "ab") as fh:
-        fh.truncate(journal["errors_bytes"])
-    for entry in layout.work.iterdir():
-        name = entry.name
-        later_part = name.startswith("part-") and name.endswith(layout.suffix(writer))
-        if name.endswith(".tmp") or later_part and int(name[5:11]) >= committed:
-            entry.unlink()
-    missing = [p for p in layout.parts(committed, writer) if not p.exists()]
-    if missing:
-        raise SetupError(
-            f"cannot resume {layout.work}: committed part {missing[0].name} is missing; "
-            "start over with --overwrite"
-        )
+def _open_work(
+    layout: Layout,
+    journal: dict[str, Any] | None,
+    identity: dict[str, Any],
+    chunks: int,
+    engine: Engine,
+    writer: Writer,
+    schema: OutputSchema,
+) -> dict[str, Any]:
+    """The work folder ready for the first uncommitted chunk: a new journal for a fresh job,
+    everything after the last commit undone for a resumed one; the journal."""
+    prepare_work(layout, fresh=journal is None)
+    if journal is None:
+        journal = {
+            "format": JOURNAL_FORMAT,
+            "job": identity,
+            "chunks": chunks,
+            "batch_size": engine.batch_size,
+            "engine": engine.describe(),
+            "next_chunk": 0,
+            "rows": 0,
+            "predicted": 0,
+            "errors": 0,
+            "errors_bytes": 0,
+            "elapsed_s": 0.0,
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        layout.errors_work.write_bytes(b"")
+        write_json_atomic(layout.journal, journal)
+    else:
+        rewind(layout, journal, writer)
+    if not layout.folder:
+        writer.open(layout.output_tmp)
+        if writer.streaming:  # the output file again, from the committed parts
+            for part in layout.parts(journal["next_chunk"], writer):
+                writer.add(read_work_part(part, schema))
+    return journal
 
 
-def _finish(layout: _Layout, writer: Writer, schema: OutputSchema, chunks: int) -> None:
+def _stream(
+    engine: Engine,
+    reader: Reader,
+    first: int,
+    committer: _Committer,
+    writer: Writer,
+    progress: Progress,
+    layout: Layout,
+) -> None:
+    """Every chunk from ``first`` on through the engine into the committer; on an interrupt,
+    the message says how far the job got and how to resume it."""
+    journal = committer.journal
+    try:
+        try:
+            if first < reader.n_chunks:
+                for result in engine.results(reader, first):
+                    committer.put(result)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted (Ctrl-C)", signal.SIGINT) from None
+        finally:
+            committer.join()
+    except Interrupted as exc:
+        writer.discard()
+        progress.close()
+        raise Interrupted(
+            f"{exc.message}: {journal['rows']:,} of {reader.total_rows:,} rows committed "
+            f"({journal['next_chunk']} of {reader.n_chunks} chunks) in {layout.work}; run the "
+            "same command with --resume to continue",
+            exc.exit_code - 128,
+        ) from None
+    except BaseException:
+        writer.discard()
+        progress.close()
+        raise
+
+
+def _finish(layout: Layout, writer: Writer, schema: OutputSchema, chunks: int) -> None:
     """Finish the output file (or the folder) and move the errors into place."""
     parts = layout.parts(chunks, writer)
     try:
@@ -660,7 +489,7 @@ def _finish(layout: _Layout, writer: Writer, schema: OutputSchema, chunks: int) 
             layout.journal.unlink()
             return
         writer.close(parts)
-        fsync_file(layout.output_tmp)
+        fsync(layout.output_tmp)
         os.replace(layout.output_tmp, layout.output)
         if layout.errors_final.parent.resolve() == layout.work.parent.resolve():
             os.replace(layout.errors_work, layout.errors_final)

@@ -16,7 +16,6 @@ sub-array field in NPY/NPZ, and ``name_0 .. name_k`` columns in CSV.
 
 from __future__ import annotations
 
-import os
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ __all__ = [
     "writer_for",
     "write_work_part",
     "read_work_part",
-    "fsync_file",
 ]
 
 OUTPUT_FORMATS = ("csv", "parquet", "jsonl", "npy", "npz")
@@ -421,11 +419,3 @@ _WRITERS: dict[str, type[Writer]] = {
 def writer_for(fmt: str, schema: OutputSchema) -> Writer:
     _pa()
     return _WRITERS[fmt](schema)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

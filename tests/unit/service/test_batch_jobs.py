@@ -228,7 +228,7 @@ def test_the_ray_engine_without_ray_installed_says_how_to_get_it(
     import sys
 
     monkeypatch.setitem(sys.modules, "ray", None)  # "import ray" now fails
-    monkeypatch.delitem(sys.modules, "service.batch.ray_engine", raising=False)
+    monkeypatch.delitem(sys.modules, "service.batch.engines.ray", raising=False)
     with pytest.raises(
         SetupError, match=r"--engine ray needs Ray Data .*pip install 'slimserve\[batch-ray\]'"
     ):

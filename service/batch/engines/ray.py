@@ -33,10 +33,11 @@ import ray
 
 from service.core.runtime import RuntimeOptions
 
-from .engines import Engine, LocalEngine, Result, calibrate_batch_size
-from .errors import JobFailed, SetupError
-from .model import ModelSpec
-from .readers import Chunk, Reader, RowError
+from ..errors import JobFailed, SetupError
+from ..model import ModelSpec
+from ..readers import Chunk, Reader, RowError
+from .base import Engine, Result
+from .local import LocalEngine, calibrate_batch_size
 
 __all__ = ["RayEngine", "ChunkDatasource", "OrtPredictor"]
 
