@@ -104,7 +104,7 @@ def fingerprint(
     """sha256 over the build code, the spec, the seed, options, libraries and required models."""
     digest = hashlib.sha256()
     for path in _CODE_FILES:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(path.relative_to(_CODE_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     deps = {d: repo.latest_fingerprint(d) for d in spec.requires}
     meta = {
         "spec": spec.name,

@@ -287,8 +287,7 @@ def quantize_static(
                 run({"QDQDisableWeightAdjustForInt32Bias": True})
             except Exception:
                 raise CompressionError(
-                    f"model {name!r}: static INT8 quantization failed: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"model {name!r}: static INT8 quantization failed: {type(exc).__name__}: {exc}"
                 ) from exc
             notes["retry"] = (
                 f"weight-scale adjustment for int32 biases disabled "

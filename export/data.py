@@ -16,7 +16,7 @@ import numpy as np
 from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 
-__all__ = ["DEFAULT_SEED", "SPLIT", "Dataset", "DATASETS", "load"]
+__all__ = ["DEFAULT_SEED", "SPLIT", "Dataset", "DATASETS", "load", "rows"]
 
 DEFAULT_SEED = 0
 #: train / validation / test fractions, identical for every dataset
@@ -59,7 +59,7 @@ _LOADERS = {
 }
 DATASETS = tuple(_LOADERS)
 
-_PREPROCESSING = {
+_PREPROCESSING: dict[str, dict[str, Any]] = {
     "digits": {
         "description": "8x8 grey-level digit images, pixel values 0..16 divided by 16 to [0, 1], "
         "flattened row-major to 64 features (or shaped [1, 8, 8] for image models)",
@@ -69,7 +69,7 @@ _PREPROCESSING = {
         "image_shape": [8, 8],
     },
 }
-_RAW = {
+_RAW: dict[str, Any] = {
     "description": "raw features as scikit-learn ships them, in its column order; any "
     "standardisation is part of the model graph",
     "scale": 1.0,
@@ -88,7 +88,7 @@ def load(name: str, seed: int = DEFAULT_SEED) -> Dataset:
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target)
     prep = _PREPROCESSING.get(name, _RAW)
-    x = (x * prep["scale"] + prep["offset"]).astype(np.float32)
+    x = (x * float(prep["scale"]) + float(prep["offset"])).astype(np.float32)
     y = y.astype(np.int64) if task == "classification" else y.astype(np.float32)
 
     index = np.arange(len(x))
@@ -139,3 +139,8 @@ def load(name: str, seed: int = DEFAULT_SEED) -> Dataset:
         seed=seed,
         record=record,
     )
+
+
+def rows(x: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows of ``x``, cycling when it has fewer (feeds of any size for parity checks)."""
+    return np.take(x, np.arange(n) % len(x), axis=0)

@@ -28,9 +28,8 @@ from sklearn.svm import SVC, SVR
 from sklearn.tree import DecisionTreeClassifier
 
 from . import quality
-from .data import Dataset, load
+from .data import Dataset, load, rows
 from .spec import OPSET, BuildContext, Feeds, Tolerance, Trained
-from .torch_zoo import rows
 
 __all__ = ["convert", "TRAINERS"]
 

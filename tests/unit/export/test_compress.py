@@ -33,7 +33,10 @@ def write_mlp(path: Path, sizes=(16, 256, 4), seed: int = 0) -> None:
     nodes, inits, prev = [], [], "x"
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"h{i}"]))
         prev = f"h{i}"
         if i < len(sizes) - 2:
@@ -123,7 +126,10 @@ def test_static_int8_on_a_broadcast_bias(tmp_path: Path) -> None:
 
 
 def test_unknown_calibration_method_is_named() -> None:
-    with pytest.raises(ValueError, match="calibration method 'kl' is unknown; expected one of minmax, entropy, percentile"):
+    with pytest.raises(
+        ValueError,
+        match="calibration method 'kl' is unknown; expected one of minmax, entropy, percentile",
+    ):
         StaticConfig(method="kl")
 
 

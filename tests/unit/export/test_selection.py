@@ -38,14 +38,20 @@ def test_fastest_variant_within_the_budget_wins() -> None:
 
 
 def test_fp32_stays_when_nothing_eligible_is_faster_enough() -> None:
-    ms = {"fp32": m("fp32", "accuracy", 0.99, 1.0), "int8-dynamic": m("int8-dynamic", "accuracy", 0.99, 1.02)}
+    ms = {
+        "fp32": m("fp32", "accuracy", 0.99, 1.0),
+        "int8-dynamic": m("int8-dynamic", "accuracy", 0.99, 1.02),
+    }
     choice = choose(ms, "accuracy", Budget())
     assert choice.default == "fp32"
     assert "below the 1.05x needed" in choice.reason
 
 
 def test_fp32_stays_when_nothing_is_within_budget() -> None:
-    ms = {"fp32": m("fp32", "accuracy", 0.99, 1.0), "distilled": m("distilled", "accuracy", 0.95, 9.0)}
+    ms = {
+        "fp32": m("fp32", "accuracy", 0.99, 1.0),
+        "distilled": m("distilled", "accuracy", 0.95, 9.0),
+    }
     assert choose(ms, "accuracy", Budget()).default == "fp32"
 
 
