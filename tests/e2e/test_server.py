@@ -218,3 +218,23 @@ def test_metrics_count_requests_and_samples(server) -> None:
     assert _metric(after, "slimserve_model_info", model="iris-knn", provider="none") == 0
     assert "no-such-model-xyz" not in after  # unknown names never become series
     assert re.search(r'slimserve_requests_total\{.*model="_unknown".*outcome="not_found"', after)
+
+
+def test_friendly_endpoints_are_counted_like_v2(server) -> None:
+    """One dataplane counts every transport: /regress lands in the same series as /v2."""
+    before = httpx.get(f"{server.url}/metrics").text
+    rows = load("diabetes").x_test[:4].tolist()
+    for _ in range(3):
+        r = httpx.post(f"{server.url}/regress", json={"model": "diabetes-linear", "rows": rows})
+        assert r.status_code == 200, r.text
+    bad = httpx.post(f"{server.url}/regress", json={"model": "diabetes-linear", "rows": [[1.0]]})
+    assert bad.status_code == 400
+    after = httpx.get(f"{server.url}/metrics").text
+    labels = {"model": "diabetes-linear", "version": "1", "variant": "fp32"}
+
+    def delta(name: str, **extra: str) -> float:
+        return _metric(after, name, **labels, **extra) - _metric(before, name, **labels, **extra)
+
+    assert delta("slimserve_requests_total", outcome="success") == 3
+    assert delta("slimserve_requests_total", outcome="invalid_input") == 1
+    assert delta("slimserve_inference_samples_total") == 12
