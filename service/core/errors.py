@@ -11,8 +11,12 @@ __all__ = [
     "InvalidInput",
     "ModelNotFound",
     "PayloadTooLarge",
+    "MethodNotAllowed",
+    "UnsupportedMediaType",
     "Unavailable",
     "ModelNotReady",
+    "ModelUnavailable",
+    "ClientClosedRequest",
     "Overloaded",
     "DeadlineExceeded",
     "InferenceFailed",
@@ -47,6 +51,24 @@ class PayloadTooLarge(ServingError):
     status_code = 413
 
 
+class MethodNotAllowed(ServingError):
+    """405, with the methods the route takes in ``Allow``."""
+
+    status_code = 405
+
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+
+
 class Unavailable(ServingError):
     """503: try again later; ``retry_after_s`` becomes the ``Retry-After`` header."""
 
@@ -62,7 +84,22 @@ class Unavailable(ServingError):
 
 
 class ModelNotReady(Unavailable):
-    """The model exists but failed to load (the reason is in the message)."""
+    """The model exists and will be ready soon (it is loading): retry after a while."""
+
+
+class ModelUnavailable(ServingError):
+    """The model is in the repository but failed to load (a corrupt file, a bad manifest): no
+    retry helps until the repository is fixed and the model loaded again. Triton answers a
+    request for a model that is not ready with 400 too."""
+
+    status_code = 400
+
+
+class ClientClosedRequest(ServingError):
+    """The client hung up while its request waited: nothing is sent back. 499 (nginx's code
+    for it) appears only in metrics and logs."""
+
+    status_code = 499
 
 
 class Overloaded(Unavailable):

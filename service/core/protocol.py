@@ -12,12 +12,20 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 
 from .datatypes import V2_TO_NUMPY, from_numpy
 from .errors import InvalidInput
-from .repository import TensorSpec
+from .validation import (
+    Expected,
+    check_samples,
+    check_tensor,
+    names,
+    select_outputs,
+    validate_inputs,
+)
 
 __all__ = [
     "HEADER_LENGTH",
@@ -26,6 +34,7 @@ __all__ = [
     "decode_request",
     "validate_inputs",
     "select_outputs",
+    "Expected",
     "encode_response",
     "InferResponse",
     "encode_request",
@@ -61,6 +70,38 @@ def _fail(message: str) -> InvalidInput:
     return InvalidInput(message)
 
 
+#: the most dimensions and elements one tensor may declare (numpy's own limits are higher;
+#: these keep size arithmetic far from them)
+MAX_DIMS = 16
+MAX_ELEMENTS = 2**31 - 1
+
+
+class _Tensor(msgspec.Struct):
+    """An input as it comes: fields checked by hand (for messages in the project's words),
+    ``data`` kept as raw JSON until the header has been checked against the model."""
+
+    name: Any = None
+    shape: Any = None
+    datatype: Any = None
+    parameters: Any = None
+    data: msgspec.Raw = msgspec.Raw()
+
+
+class _Output(msgspec.Struct):
+    name: Any = None
+    parameters: Any = None
+
+
+class _Request(msgspec.Struct):
+    inputs: list[_Tensor] | None = None
+    id: Any = None
+    parameters: Any = None
+    outputs: list[_Output] | None = None
+
+
+_DECODER = msgspec.json.Decoder(_Request)
+
+
 def _header_length(value: str | None, body_len: int) -> int | None:
     if value is None:
         return None
@@ -68,7 +109,7 @@ def _header_length(value: str | None, body_len: int) -> int | None:
         n = int(value)
     except ValueError:
         raise _fail(
-            f"header Inference-Header-Content-Length: expected an integer, got {value!r}"
+            f"header Inference-Header-Content-Length: expected an integer, got {value[:64]!r}"
         ) from None
     if not 0 < n <= body_len:
         raise _fail(
@@ -77,89 +118,140 @@ def _header_length(value: str | None, body_len: int) -> int | None:
     return n
 
 
-def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Parse an infer request body; a malformed one raises :class:`InvalidInput` (400)."""
-    n = _header_length(header_length, len(body))
-    header, binary = (body[:n], memoryview(body)[n:]) if n is not None else (body, memoryview(b""))
-    try:
-        doc = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise _fail(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _fail(f"request body: expected a JSON object, got {type(doc).__name__}")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _fail("request body: expected 'inputs' to be a non-empty list of tensors")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _fail("request 'parameters': expected an object")
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _fail(f"request 'id': expected a string, got {type(request_id).__name__}")
+def _where(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Expected `object`, got `array` - at `$.inputs[0]` `` in the project's words:
+    ``at $.inputs[0]: expected object, got array``."""
+    what, _, where = str(exc).partition(" - at ")
+    what = what.replace("`", "")
+    return f"at {where.strip('`') or '$'}: {what[:1].lower()}{what[1:]}"
 
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent is empty); 400 for anything but a JSON object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"{what}: expected an object, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return kinds.get(type(value), "a number" if isinstance(value, int | float) else "null")
+
+
+def decode_request(
+    body: bytes | bytearray, header_length: str | None = None, expected: Expected | None = None
+) -> InferRequest:
+    """Parse an infer request body; a malformed one raises :class:`InvalidInput` (400).
+
+    With ``expected`` (the model's inputs), every tensor's name, datatype and shape is checked
+    before its data is converted, so a request that cannot fit the model costs no more memory
+    than its own bytes; one with more samples than the model can queue is a 413.
+    """
+    n = _header_length(header_length, len(body))
+    view = memoryview(body)
+    header, binary = (view[:n], view[n:]) if n is not None else (view, memoryview(b""))
+    try:
+        doc = _DECODER.decode(header)
+    except msgspec.ValidationError as exc:
+        raise _fail(f"request body {_where(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise _fail(f"request body is not valid JSON: {exc}") from None
+    if not doc.inputs:
+        raise _fail("request body: expected 'inputs' to be a non-empty list of tensors")
+    params = _object(doc.parameters, "request 'parameters'")
+    if doc.id is not None and not isinstance(doc.id, str):
+        raise _fail(f"request 'id': expected a string, got {_kind(doc.id)}")
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     offset = 0
-    for i, raw in enumerate(raw_inputs):
+    for i, raw in enumerate(doc.inputs):
         name, shape, datatype = _tensor_header(raw, i)
         if name in inputs:
-            raise _fail(f"input {name!r} appears twice")
-        tparams = raw.get("parameters") or {}
+            raise _fail(f"input {name[:64]!r} appears twice")
+        if expected is not None:
+            _expect(expected, name, shape, datatype)
+        tparams = _object(raw.parameters, f"input {name[:64]!r} 'parameters'")
         if "binary_data_size" in tparams:
             size = tparams["binary_data_size"]
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not _is_int(size) or size < 0 or offset + size > len(binary):
                 raise _fail(
-                    f"input {name!r}: binary_data_size {size!r} does not fit the "
+                    f"input {name[:64]!r}: binary_data_size {str(size)[:32]} does not fit the "
                     f"{len(binary) - offset} binary bytes left after the JSON header"
                 )
             inputs[name] = _from_binary(binary[offset : offset + size], name, shape, datatype)
             offset += size
-        elif "data" in raw:
-            inputs[name] = _from_json(raw["data"], name, shape, datatype)
+        elif raw.data:
+            inputs[name] = _from_json(raw.data, name, shape, datatype)
         else:
-            raise _fail(f"input {name!r}: expected 'data' or parameters.binary_data_size")
+            raise _fail(f"input {name[:64]!r}: expected 'data' or parameters.binary_data_size")
         datatypes[name] = datatype
     if offset != len(binary):
         raise _fail(f"request has {len(binary) - offset} binary bytes that no input claims")
-
-    outputs = None
-    if doc.get("outputs") is not None:
-        raw_outputs = doc["outputs"]
-        if not isinstance(raw_outputs, list):
-            raise _fail("request 'outputs': expected a list")
-        outputs = []
-        for j, o in enumerate(raw_outputs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise _fail(f"outputs[{j}]: expected an object with a string 'name'")
-            oparams = o.get("parameters") or {}
-            outputs.append(RequestedOutput(o["name"], bool(oparams.get("binary_data", False))))
     return InferRequest(
         inputs=inputs,
         datatypes=datatypes,
-        id=request_id,
+        id=doc.id,
         parameters=params,
-        outputs=outputs,
+        outputs=_requested_outputs(doc.outputs),
         binary_output=bool(params.get("binary_data_output", False)),
     )
 
 
+def _expect(expected: Expected, name: str, shape: tuple[int, ...], datatype: str) -> None:
+    spec = expected.inputs.get(name)
+    if spec is None:
+        raise _fail(
+            f"model '{expected.model}' has no input {name[:64]!r}; "
+            f"it expects inputs {names(sorted(expected.inputs))}"
+        )
+    check_tensor(spec, shape, datatype, expected.model)
+    if spec.shape[:1] == (-1,):
+        check_samples(shape[0], expected.max_samples, expected.model)
+
+
+def _requested_outputs(raw_outputs: list[_Output] | None) -> list[RequestedOutput] | None:
+    if raw_outputs is None:
+        return None
+    outputs = []
+    for j, o in enumerate(raw_outputs):
+        if not isinstance(o.name, str) or not o.name:
+            raise _fail(f"outputs[{j}]: expected a non-empty string 'name'")
+        oparams = _object(o.parameters, f"output {o.name[:64]!r} 'parameters'")
+        outputs.append(RequestedOutput(o.name, bool(oparams.get("binary_data", False))))
+    return outputs
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[int, ...], str]:
-    if not isinstance(raw, dict):
-        raise _fail(f"{kind}s[{i}]: expected an object, got {type(raw).__name__}")
-    name = raw.get("name")
+    """Name, shape and datatype of a tensor; sizes bounded before anything is allocated."""
+    name = raw.name
     if not isinstance(name, str) or not name:
         raise _fail(f"{kind}s[{i}]: expected a non-empty string 'name'")
-    shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    shape = raw.shape
+    label = f"{kind} {name[:64]!r}"
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise _fail(
-            f"{kind} {name!r}: expected 'shape' to be a list of integers >= 0, got {shape!r}"
+            f"{label}: expected 'shape' to be a list of integers >= 0, got {str(shape)[:64]}"
         )
-    datatype = raw.get("datatype")
-    if datatype not in V2_TO_NUMPY:
+    if len(shape) > MAX_DIMS:
+        raise _fail(f"{label}: {len(shape)} dimensions, at most {MAX_DIMS} are served")
+    count = math.prod(shape)
+    if count == 0:
+        raise _fail(f"{label}: shape {shape} has no elements; expected at least one")
+    if count > MAX_ELEMENTS:
         raise _fail(
-            f"{kind} {name!r}: datatype {datatype!r} is not supported; "
+            f"{label}: shape {shape} has {count} elements, more than one tensor may "
+            f"carry ({MAX_ELEMENTS})"
+        )
+    datatype = raw.datatype
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
+        raise _fail(
+            f"{label}: datatype {str(datatype)[:32]!r} is not supported; "
             f"expected one of {', '.join(V2_TO_NUMPY)}"
         )
     return name, tuple(shape), datatype
@@ -168,37 +260,67 @@ def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[in
 def _from_json(
     data: Any, name: str, shape: tuple[int, ...], datatype: str, kind: str = "input"
 ) -> np.ndarray:
+    """``data`` (raw JSON, or already parsed) as an array of ``shape``. Raw numbers are
+    counted first (one comma between neighbours, at any depth), so a tensor whose data does
+    not fit its shape is refused before anything is allocated for it."""
     count = math.prod(shape)
+    label = f"{kind} {name[:64]!r}"
+    if isinstance(data, msgspec.Raw):
+        raw = memoryview(data)
+        if datatype != "BYTES" and raw[:1] == b"[":
+            got = _count(raw, b",") + 1
+            if got == 1 and not bytes(raw).strip(b"[] \t\r\n"):
+                got = 0
+            if got != count:
+                raise _fail(
+                    f"{label}: shape {list(shape)} needs {count} elements, 'data' has {got}"
+                )
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:  # e.g. 1e999, which no double holds
+            raise _fail(f"{label}: 'data' cannot be read: {exc}") from None
     if datatype == "BYTES":
         flat = _flatten(data)
         if len(flat) != count or not all(isinstance(s, str) for s in flat):
-            raise _fail(f"{kind} {name!r}: expected {count} strings for shape {list(shape)}")
+            raise _fail(f"{label}: expected {count} strings for shape {list(shape)}")
         return np.array(flat, dtype=object).reshape(shape)
     try:
         arr = np.asarray(data)
     except ValueError:
         raise _fail(
-            f"{kind} {name!r}: 'data' is a ragged nested list; expected shape {list(shape)}"
+            f"{label}: 'data' is a ragged nested list; expected shape {list(shape)}"
         ) from None
-    if arr.dtype.kind not in "biuf":
-        raise _fail(f"{kind} {name!r}: 'data' must hold numbers for datatype {datatype}")
     target = V2_TO_NUMPY[datatype]
-    if (
-        target.kind in "iu"
-        and arr.dtype.kind == "f"
-        and not (np.isfinite(arr) & (arr == np.round(arr))).all()
-    ):
-        raise _fail(f"{kind} {name!r}: datatype {datatype} takes integers, got fractions")
-    if target.kind == "b" and arr.dtype.kind != "b":
-        raise _fail(f"{kind} {name!r}: datatype BOOL takes true/false values")
-    if arr.size != count:
+    if arr.dtype.kind not in "biuf":
         raise _fail(
-            f"{kind} {name!r}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}"
+            f"{label}: 'data' must hold numbers for datatype {datatype} "
+            "(each within the datatype's range)"
         )
-    try:
-        return arr.astype(target, copy=False).reshape(shape)
-    except OverflowError:
-        raise _fail(f"{kind} {name!r}: a value does not fit datatype {datatype}") from None
+    if arr.size != count:
+        raise _fail(f"{label}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}")
+    if target.kind == "b":
+        if arr.dtype.kind != "b":
+            raise _fail(f"{label}: datatype BOOL takes true/false values")
+    elif target.kind in "iu":
+        _check_integers(arr, target, label, datatype)
+    return arr.astype(target, copy=False).reshape(shape)
+
+
+def _count(raw: memoryview, byte: bytes, step: int = 1 << 20) -> int:
+    """Occurrences of ``byte`` in ``raw``, a megabyte at a time (no copy of the whole)."""
+    return sum(bytes(raw[i : i + step]).count(byte) for i in range(0, len(raw), step))
+
+
+def _check_integers(arr: np.ndarray, target: np.dtype, label: str, datatype: str) -> None:
+    if arr.dtype.kind == "f" and not (np.isfinite(arr) & (arr == np.round(arr))).all():
+        raise _fail(f"{label}: datatype {datatype} takes integers, got fractions")
+    info = np.iinfo(target)
+    low, high = arr.min(), arr.max()
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        raise _fail(
+            f"{label}: value {bad} does not fit datatype {datatype} ({info.min}..{info.max})"
+        )
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -214,83 +336,30 @@ def _from_binary(
     buf: memoryview, name: str, shape: tuple[int, ...], datatype: str, kind: str = "input"
 ) -> np.ndarray:
     count = math.prod(shape)
+    label = f"{kind} {name[:64]!r}"
     if datatype == "BYTES":
-        items, pos = [], 0
-        while pos < len(buf):
+        items: list[bytes] = []
+        pos = 0
+        while pos < len(buf) and len(items) <= count:
             if pos + 4 > len(buf):
-                raise _fail(f"{kind} {name!r}: truncated BYTES element length")
+                raise _fail(f"{label}: truncated BYTES element length")
             (size,) = struct.unpack_from("<I", buf, pos)
             items.append(bytes(buf[pos + 4 : pos + 4 + size]))
             pos += 4 + size
         if len(items) != count or pos != len(buf):
-            raise _fail(f"{kind} {name!r}: expected {count} BYTES elements, got {len(items)}")
+            raise _fail(
+                f"{label}: expected {count} BYTES elements in {len(buf)} bytes, "
+                f"got {len(items)}{' or more' if len(items) > count else ''}"
+            )
         return np.array(items, dtype=object).reshape(shape)
     dtype = V2_TO_NUMPY[datatype].newbyteorder("<")
     expected = count * dtype.itemsize
     if len(buf) != expected:
         raise _fail(
-            f"{kind} {name!r}: shape {list(shape)} of {datatype} needs {expected} bytes, "
+            f"{label}: shape {list(shape)} of {datatype} needs {expected} bytes, "
             f"binary_data_size is {len(buf)}"
         )
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def validate_inputs(request: InferRequest, specs: list[TensorSpec], model: str) -> int:
-    """Check names, datatypes, shapes and finiteness against the model; return the batch size."""
-    expected = {s.name for s in specs}
-    missing = [s.name for s in specs if s.name not in request.inputs]
-    unknown = [n for n in request.inputs if n not in expected]
-    if missing or unknown:
-        raise _fail(
-            f"model '{model}' expects inputs {sorted(expected)}; "
-            + (f"missing {missing}" if missing else "")
-            + ("; " if missing and unknown else "")
-            + (f"unknown {unknown}" if unknown else "")
-        )
-    batch = None
-    for spec in specs:
-        arr = request.inputs[spec.name]
-        got = request.datatypes[spec.name]
-        if got != spec.datatype:
-            raise _fail(
-                f"input '{spec.name}' of model '{model}': expected datatype {spec.datatype}, "
-                f"got {got}"
-            )
-        if len(arr.shape) != len(spec.shape) or any(
-            d != -1 and d != a for d, a in zip(spec.shape, arr.shape, strict=False)
-        ):
-            raise _fail(
-                f"input '{spec.name}' of model '{model}': expected shape {list(spec.shape)}, "
-                f"got {list(arr.shape)}"
-            )
-        if spec.shape and spec.shape[0] == -1:
-            if arr.shape[0] == 0:
-                raise _fail(f"input '{spec.name}' of model '{model}': batch size is 0")
-            if batch is not None and arr.shape[0] != batch:
-                raise _fail(
-                    f"inputs of model '{model}' disagree on the batch size: "
-                    f"'{spec.name}' has {arr.shape[0]}, an earlier input {batch}"
-                )
-            batch = arr.shape[0]
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int(np.flatnonzero(~np.isfinite(arr.ravel()))[0])
-            raise _fail(
-                f"input '{spec.name}' of model '{model}': NaN or infinity at flat index {bad}; "
-                "expected finite numbers"
-            )
-    return batch or 1
-
-
-def select_outputs(
-    request: InferRequest, available: list[str], model: str
-) -> list[RequestedOutput]:
-    """The outputs to send back (all when the request names none), each marked binary or not."""
-    if request.outputs is None:
-        return [RequestedOutput(n, request.binary_output) for n in available]
-    unknown = [o.name for o in request.outputs if o.name not in available]
-    if unknown:
-        raise _fail(f"model '{model}' has outputs {available}; requested unknown {unknown}")
-    return [RequestedOutput(o.name, o.binary or request.binary_output) for o in request.outputs]
 
 
 def encode_response(
@@ -401,25 +470,36 @@ def encode_request(
     return _pack(doc, blobs)
 
 
+class _Response(msgspec.Struct):
+    outputs: list[_Tensor] | None = None
+    model_name: Any = None
+    model_version: Any = None
+    parameters: Any = None
+
+
+_RESPONSE_DECODER = msgspec.json.Decoder(_Response)
+
+
 def decode_response(body: bytes, header_length: str | None = None) -> InferResponse:
     """A server's infer response (JSON or binary outputs); :class:`InvalidInput` when it is
     not a v2 response."""
     n = _header_length(header_length, len(body))
     header, binary = (body[:n], memoryview(body)[n:]) if n is not None else (body, memoryview(b""))
     try:
-        doc = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
+        doc = _RESPONSE_DECODER.decode(header)
+    except msgspec.ValidationError as exc:
+        raise _fail(f"response body {_where(exc)}") from None
+    except msgspec.DecodeError as exc:
         raise _fail(f"response body is not valid JSON: {exc}") from None
-    raw_outputs = doc.get("outputs") if isinstance(doc, dict) else None
-    if not isinstance(raw_outputs, list):
+    if doc.outputs is None:
         raise _fail("response body: expected an object with a list of 'outputs'")
     outputs: dict[str, np.ndarray] = {}
     offset = 0
-    for i, raw in enumerate(raw_outputs):
+    for i, raw in enumerate(doc.outputs):
         name, shape, datatype = _tensor_header(raw, i, "output")
-        size = (raw.get("parameters") or {}).get("binary_data_size")
+        size = _object(raw.parameters, f"output {name!r} 'parameters'").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not _is_int(size) or size < 0 or offset + size > len(binary):
                 raise _fail(
                     f"output {name!r}: binary_data_size {size!r} does not fit the "
                     f"{len(binary) - offset} binary bytes left after the JSON header"
@@ -427,14 +507,13 @@ def decode_response(body: bytes, header_length: str | None = None) -> InferRespo
             view = binary[offset : offset + size]
             outputs[name] = _from_binary(view, name, shape, datatype, "output").copy()
             offset += size
-        elif "data" in raw:
-            outputs[name] = _from_json(raw["data"], name, shape, datatype, "output")
+        elif raw.data:
+            outputs[name] = _from_json(raw.data, name, shape, datatype, "output")
         else:
             raise _fail(f"output {name!r}: expected 'data' or parameters.binary_data_size")
-    version = doc.get("model_version")
     return InferResponse(
-        model_name=str(doc.get("model_name", "")),
-        model_version=None if version is None else str(version),
+        model_name=str(doc.model_name or ""),
+        model_version=None if doc.model_version is None else str(doc.model_version),
         outputs=outputs,
-        parameters=doc.get("parameters") or {},
+        parameters=_object(doc.parameters, "response 'parameters'"),
     )

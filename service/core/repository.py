@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,10 +210,15 @@ class ModelVersion:
             ) from None
         return self.path / entry.file
 
-    def verify(self) -> None:
-        """Check every file against the manifest's sha256; raise :class:`IntegrityError`."""
-        for rel, entry in self.manifest.files.items():
+    def verify(self, files: Iterable[str] | None = None) -> None:
+        """Check ``files`` (every file the manifest lists when ``None``) against the
+        manifest's sha256; raise :class:`IntegrityError` naming the first that differs."""
+        wanted = self.manifest.files if files is None else list(files)
+        for rel in wanted:
+            entry = self.manifest.files.get(rel)
             path = self.path / rel
+            if entry is None:
+                raise IntegrityError(f"{path}: has no sha256 in the manifest")
             if not path.is_file():
                 raise IntegrityError(f"{path}: listed in {MANIFEST_FILE} but missing")
             actual = sha256_file(path)
@@ -224,11 +229,12 @@ class ModelVersion:
                     f"{entry.sha256[:12]}... ({entry.bytes} bytes); the file is corrupt or was "
                     "changed after publishing"
                 )
-        for variant in self.manifest.variants.values():
-            if variant.file and variant.file not in self.manifest.files:
-                raise IntegrityError(
-                    f"{self.path / variant.file}: variant file has no sha256 in the manifest"
-                )
+        if files is None:
+            for variant in self.manifest.variants.values():
+                if variant.file and variant.file not in self.manifest.files:
+                    raise IntegrityError(
+                        f"{self.path / variant.file}: variant file has no sha256 in the manifest"
+                    )
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,18 @@ class ModelRepository:
                 f"model {name!r} is not in the repository {self.root} (models: {known})"
             )
         return versions
+
+    def unpublished(self, name: str) -> list[Path]:
+        """Numbered folders of ``name`` without a manifest: not versions (a copy in progress,
+        or a mistake); they are skipped, and callers say so."""
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and p.name.isdigit() and not (p / MANIFEST_FILE).exists()
+        )
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """Read the manifest of ``name`` at ``version`` (the latest when ``None``)."""

@@ -10,14 +10,16 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "ModelServing", "get_settings"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SLIMSERVE_", extra="ignore", populate_by_name=True
+    )
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(3000, ge=1, le=65535, description="Port the server listens on.")
@@ -66,6 +68,69 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Open HTTP connections per worker; a connection past it gets 503 and is "
+        "closed at once.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="A request's headers must be complete this long after the connection "
+        "opened or the request began; else 408 and the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="A request's body must be complete this long after its headers; else 408 "
+        "and the connection is closed.",
+    )
+    keep_alive_s: int = Field(
+        5, ge=1, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    graceful_shutdown_s: int = Field(
+        10,
+        ge=1,
+        description="On SIGTERM, requests in flight get this long to finish before workers "
+        "are killed.",
+    )
+    backlog: int = Field(2048, ge=16, description="The listening socket's accept backlog.")
+
+    # OpenTelemetry: the SDK's own variables (no SLIMSERVE_ prefix); tracing is off unless
+    # they ask for an exporter or name an OTLP endpoint
+    otel_traces_exporter: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_TRACES_EXPORTER"),
+        description="otlp or console to trace /v2 and the friendly endpoints; none (or unset "
+        "without an OTLP endpoint): no tracing.",
+    )
+    otel_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+        description="Where OTLP spans go (HTTP/protobuf); setting it turns tracing on.",
+    )
+    otel_service_name: str = Field(
+        "slimserve",
+        validation_alias=AliasChoices("OTEL_SERVICE_NAME"),
+        description="The service.name of the spans.",
+    )
+
+    def traces_exporter(self) -> str | None:
+        """``otlp``, ``console`` or None (tracing off), from the OTel variables."""
+        chosen = (self.otel_traces_exporter or "").strip().lower()
+        if chosen in ("otlp", "console"):
+            return chosen
+        if not chosen and self.otel_endpoint:
+            return "otlp"
+        return None
+
+    def worker_count(self) -> int:
+        """How many worker processes to start."""
+        return self.workers
 
 
 class ModelServing(BaseModel):

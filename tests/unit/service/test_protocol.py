@@ -56,7 +56,9 @@ def test_datatypes(datatype: str, data: list, dtype) -> None:
     ("payload", "message"),
     [
         (b"{nope", "request body is not valid JSON"),
-        (b"[1, 2]", "expected a JSON object, got list"),
+        (b"[1, 2]", "request body at $: expected object, got array"),
+        (b'{"inputs": {"x": 1}}', "request body at $.inputs: expected array | null, got object"),
+        (b'{"inputs": [7]}', "request body at $.inputs[0]: expected object, got int"),
         (body([]), "expected 'inputs' to be a non-empty list"),
         (
             body([{"shape": [1], "datatype": "FP32", "data": [1]}]),
@@ -75,7 +77,7 @@ def test_datatypes(datatype: str, data: list, dtype) -> None:
             "input 'x': shape [2, 2] needs 4 elements, 'data' has 3",
         ),
         (
-            body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3]]}]),
+            body([{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2, 3], [4]]}]),
             "input 'x': 'data' is a ragged nested list",
         ),
         (
