@@ -99,3 +99,42 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_slow_onnx(path: Path, width: int = 2048, layers: int = 24) -> None:
+    """``layers`` x (MatMul by one shared [width, width] matrix, Tanh): a model slow enough
+    (tens of ms per sample on two cores) to keep a queue waiting in tests."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes, current = [], "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [current, "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i}"]))
+        current = f"h{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def publish_slow(repo: ModelRepository, name: str = "slow", width: int = 2048):
+    staging = repo.staging_dir(name)
+    write_slow_onnx(staging / "model.onnx", width)
+    manifest = Manifest(
+        name=name,
+        version=0,
+        task="unknown",
+        inputs=[TensorSpec("x", "FP32", (-1, width))],
+        outputs=[TensorSpec("y", "FP32", (-1, width))],
+    )
+    return repo.publish(staging, manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServingError
+from ..core.errors import (
+    ClientClosedRequest,
+    DeadlineExceeded,
+    InferenceFailed,
+    Overloaded,
+    ServingError,
+)
+from ..core.validation import check_samples
+from .tracing import Trace
 
 __all__ = ["BatchObserver", "DynamicBatcher"]
 
@@ -43,6 +52,10 @@ class _Item:
     deadline: float
     enqueued: float
     key: tuple = field(default=())
+    #: whether the client of the request hung up (None: the transport cannot tell)
+    gone: Callable[[], bool] | None = None
+    #: when the request waited and ran, for its trace (None: not traced)
+    trace: Trace | None = None
 
 
 def _shape_key(feeds: Feeds) -> tuple:
@@ -75,26 +88,55 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{label}")
-        self._seconds_per_sample = 0.0  # moving average, to refuse what cannot meet its deadline
+        #: moving average of onnxruntime's own time per sample (measured in the worker thread,
+        #: so event-loop lag under load does not inflate it), to refuse what cannot meet its
+        #: deadline
+        self._seconds_per_sample = 0.0
 
     @property
     def queued_samples(self) -> int:
         return self._queued_samples
 
-    async def infer(self, feeds: Feeds, samples: int, timeout_s: float) -> list[np.ndarray]:
-        """Outputs for ``feeds`` (``samples`` rows), computed in some batch within ``timeout_s``."""
+    async def infer(
+        self,
+        feeds: Feeds,
+        samples: int,
+        timeout_s: float,
+        gone: Callable[[], bool] | None = None,
+        traces: list[Trace] | None = None,
+    ) -> list[np.ndarray]:
+        """Outputs for ``feeds`` (``samples`` rows), computed in some batch within ``timeout_s``.
+
+        413 when ``samples`` exceeds the queue itself (no retry can help), 503 when the queue is
+        full or the deadline cannot be met now; a request whose client is ``gone`` by the time
+        its batch is formed is dropped before onnxruntime (:class:`ClientClosedRequest`).
+        With ``traces``, each queued part of the request appends its timings there.
+        """
+        check_samples(samples, self.max_queue_size, self.label)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self.splittable and samples > self.max_batch_size:
-            return await self._infer_split(feeds, samples, deadline)
+            return await self._infer_split(feeds, samples, deadline, gone, traces)
         self._admit(samples, deadline - loop.time())
-        item = _Item(feeds, samples, loop.create_future(), deadline, loop.time(), _shape_key(feeds))
+        item = _Item(
+            feeds, samples, loop.create_future(), deadline, loop.time(), _shape_key(feeds), gone
+        )
+        if traces is not None:
+            item.trace = Trace(enqueued=time.time_ns())
+            traces.append(item.trace)
         self._queue.append(item)
         self._queued_samples += samples
         self._ensure_worker()
         return await item.future
 
-    async def _infer_split(self, feeds: Feeds, samples: int, deadline: float) -> list[np.ndarray]:
+    async def _infer_split(
+        self,
+        feeds: Feeds,
+        samples: int,
+        deadline: float,
+        gone: Callable[[], bool] | None,
+        traces: list[Trace] | None,
+    ) -> list[np.ndarray]:
         """A request larger than the maximum batch: its chunks queue as separate requests."""
         self._admit(samples, deadline - asyncio.get_running_loop().time())
         step = self.max_batch_size
@@ -104,6 +146,8 @@ class DynamicBatcher:
                     {k: v[i : i + step] for k, v in feeds.items()},
                     min(step, samples - i),
                     deadline - asyncio.get_running_loop().time(),
+                    gone,
+                    traces,
                 )
                 for i in range(0, samples, step)
             )
@@ -140,8 +184,14 @@ class DynamicBatcher:
         total = 0
         while self._queue:
             item = self._queue.popleft()
-            if item.future.done():  # the client went away
+            if item.future.done():  # cancelled
                 self._queued_samples -= item.samples
+                continue
+            if item.gone is not None and item.gone():  # the client hung up: do not run it
+                self._queued_samples -= item.samples
+                item.future.set_exception(
+                    ClientClosedRequest(f"model {self.label}: the client hung up while queued")
+                )
                 continue
             if now > item.deadline:
                 self._queued_samples -= item.samples
@@ -184,8 +234,11 @@ class DynamicBatcher:
             batch = self._take(now)
             if not batch:
                 continue
+            batched_ns = time.time_ns()
             for item in batch:
                 self.observer.queue_wait(now - item.enqueued)
+                if item.trace is not None:
+                    item.trace.batched = batched_ns
             await self._run_batch(batch, loop)
 
     async def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
@@ -195,9 +248,10 @@ class DynamicBatcher:
         else:
             merged = {k: np.concatenate([it.feeds[k] for it in batch]) for k in names}
         samples = sum(it.samples for it in batch)
-        start = loop.time()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, merged)
+            outputs, seconds, started = await loop.run_in_executor(
+                self._executor, self._timed, merged
+            )
         except ServingError as exc:
             for item in batch:
                 if not item.future.done():
@@ -210,8 +264,11 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(failure)
             return
-        seconds = loop.time() - start
         self.observer.batch(samples, seconds)
+        for item in batch:
+            if item.trace is not None:
+                item.trace.run_start, item.trace.run_end = started, started + int(seconds * 1e9)
+                item.trace.batch_samples = samples
         per_sample = seconds / samples
         self._seconds_per_sample = (
             per_sample
@@ -228,6 +285,13 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_result([o[offset:end] for o in outputs])
             offset = end
+
+    def _timed(self, feeds: Feeds) -> tuple[list[np.ndarray], float, int]:
+        """onnxruntime's run, its own duration and when it began (in the worker thread)."""
+        started = time.time_ns()
+        start = time.perf_counter()
+        outputs = self._run(feeds)
+        return outputs, time.perf_counter() - start, started
 
     async def close(self) -> None:
         if self._task is not None:

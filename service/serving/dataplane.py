@@ -22,10 +22,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..core.errors import (
+    ClientClosedRequest,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    ModelUnavailable,
     Overloaded,
     PayloadTooLarge,
     ServingError,
@@ -33,8 +35,9 @@ from ..core.errors import (
 from ..core.protocol import InferRequest, RequestedOutput, select_outputs, validate_inputs
 from .metrics import ServingMetrics, metrics
 from .store import LoadedModel, ModelStore
+from .tracing import Call
 
-__all__ = ["DataPlane", "Inference", "Decode", "Encode", "PLATFORM", "EXTENSIONS"]
+__all__ = ["DataPlane", "Inference", "Decode", "Encode", "Call", "PLATFORM", "EXTENSIONS"]
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -43,8 +46,10 @@ _OUTCOMES: list[tuple[type[ServingError], str]] = [
     (ModelNotFound, "not_found"),
     (PayloadTooLarge, "too_large"),
     (ModelNotReady, "not_ready"),
+    (ModelUnavailable, "unavailable"),
     (Overloaded, "overloaded"),
     (DeadlineExceeded, "overloaded"),
+    (ClientClosedRequest, "client_gone"),
 ]
 
 T = TypeVar("T")
@@ -78,19 +83,30 @@ def _version() -> str:
 class DataPlane:
     """Server and model metadata, health, the repository index, and inference."""
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, tracer: Any = None) -> None:
         self.store = store
         self.settings = store.settings
+        self.tracer = tracer  # an OpenTelemetry tracer, or None: tracing off
 
     # ---------------------------------------------------------------- inference, top to bottom
 
-    async def infer(self, name: str, version: str | None, decode: Decode, encode: Encode[T]) -> T:
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        decode: Decode,
+        encode: Encode[T],
+        call: Call | None = None,
+    ) -> T:
         """Run ``name`` (``name@variant``; ``version`` when the client names one) on the
         request ``decode`` produces, and return ``encode``'s answer. Errors are
-        :class:`ServingError` with their status; each request is counted once, by outcome."""
+        :class:`ServingError` with their status; each request is counted once, by outcome.
+        ``call`` carries what the transport knows: whether the client hung up (its queued
+        work is then dropped) and the trace context (a span when tracing is on)."""
         start = time.perf_counter()
         m = metrics()
         labels = self.store.labels(name)
+        span = self._span(name, call) if self.tracer is not None and call is not None else None
         try:
             model = self.store.resolve(name, version)
             labels = model.labels
@@ -100,28 +116,79 @@ class DataPlane:
                 if asked is not None:  # v2 parameter: another variant of the same version
                     model = self.store.resolve(name, version, asked)
                     labels = model.labels
-                answer = encode(await self._run(model, request))
+                answer = encode(await self._run(model, request, call))
         except ServingError as exc:
             outcome = next((o for t, o in _OUTCOMES if isinstance(exc, t)), "error")
             m.requests.labels(*labels, outcome).inc()
+            if span is not None:
+                self._end_span(span, call, labels, outcome)
             raise
         except Exception:
             m.requests.labels(*labels, "error").inc()
+            if span is not None:
+                self._end_span(span, call, labels, "error")
             raise
         m.requests.labels(*labels, "success").inc()
         m.request_duration.labels(*labels).observe(time.perf_counter() - start)
+        if span is not None:
+            self._end_span(span, call, labels, "success")
         return answer
 
-    async def _run(self, model: LoadedModel, request: InferRequest) -> Inference:
+    async def _run(self, model: LoadedModel, request: InferRequest, call: Call | None) -> Inference:
         """validate -> batch -> onnxruntime: the one way every transport runs a model."""
         session, batcher = model.session, model.batcher
         assert session is not None and batcher is not None  # resolve() returns ready models
         wanted = select_outputs(request, session.output_names, model.name)
         samples = validate_inputs(request, session.inputs, model.name)
-        outputs = await batcher.infer(request.inputs, samples, self.settings.request_timeout_s)
+        timeout = self.settings.request_timeout_s
+        gone, timings = (call.gone, call.timings) if call is not None else (None, None)
+        outputs = await batcher.infer(
+            request.inputs, samples, timeout, gone, timings if self.tracer else None
+        )
         return Inference(
             model, request, wanted, dict(zip(session.output_names, outputs, strict=True))
         )
+
+    # ---------------------------------------------------------------- tracing (when on)
+
+    def _span(self, name: str, call: Call) -> Any:
+        """The request's span, continuing the client's ``traceparent``; its trace id goes
+        into ``call`` for the response header and the log."""
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        carrier = {"traceparent": call.traceparent} if call.traceparent else {}
+        parent = TraceContextTextMapPropagator().extract(carrier)
+        span = self.tracer.start_span("infer", context=parent, kind=trace.SpanKind.SERVER)
+        call.trace_id = format(span.get_span_context().trace_id, "032x")
+        return span
+
+    def _end_span(
+        self, span: Any, call: Call | None, labels: tuple[str, ...], outcome: str
+    ) -> None:
+        """Queue wait and onnxruntime run as child spans (from the batcher's timings)."""
+        from opentelemetry import trace
+
+        span.set_attributes(
+            {"model": labels[0], "model.version": labels[1], "model.variant": labels[2]}
+        )
+        span.set_attribute("outcome", outcome)
+        if outcome != "success":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+        context = trace.set_span_in_context(span)
+        for t in call.timings if call is not None else []:
+            if t.batched:
+                queue = self.tracer.start_span("queue", context=context, start_time=t.enqueued)
+                queue.end(end_time=t.batched)
+            if t.run_end:
+                run = self.tracer.start_span(
+                    "onnxruntime.run",
+                    context=context,
+                    start_time=t.run_start,
+                    attributes={"batch.samples": t.batch_samples},
+                )
+                run.end(end_time=t.run_end)
+        span.end()
 
     # ---------------------------------------------------------------- metadata and health
 

@@ -45,7 +45,7 @@ class ServingMetrics:
         self.requests = Counter(
             "slimserve_requests_total",
             "Inference requests by outcome (success, invalid_input, not_found, too_large, "
-            "overloaded, not_ready, error).",
+            "overloaded, not_ready, unavailable, client_gone, error).",
             [*_LABELS, "outcome"],
         )
         self.request_duration = Histogram(
@@ -93,6 +93,17 @@ class ServingMetrics:
             "Time onnxruntime took to load the model.",
             _LABELS,
             multiprocess_mode="max",
+        )
+        self.http_errors = Counter(
+            "slimserve_http_errors_total",
+            "Error answers of the lean HTTP app by endpoint (v2, classify, regress, transform, "
+            "generate, docs.json, other: any unknown path) and status.",
+            ["endpoint", "status"],
+        )
+        self.connections_refused = Counter(
+            "slimserve_connections_refused_total",
+            "HTTP connections refused at once because the worker had SLIMSERVE_MAX_CONNECTIONS "
+            "open.",
         )
         self.model_info = Gauge(
             "slimserve_model_info",

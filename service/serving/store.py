@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import onnxruntime as ort
 
-from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady
-from ..core.repository import Manifest, ModelRepository, RepositoryError
+from ..core.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from ..core.logs import clip
+from ..core.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
 from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 from ..core.settings import ModelServing, Settings
+from ..core.validation import Expected, names
 from .batcher import BatchObserver, DynamicBatcher
 from .metrics import UNKNOWN_MODEL, metrics
 
@@ -39,6 +41,9 @@ class LoadedModel:
     session: OrtSession | None = None
     batcher: DynamicBatcher | None = None
     serving: ModelServing = field(default_factory=ModelServing)
+    #: what a request must look like (inputs, most samples), checked before data is decoded
+    expected: Expected | None = None
+    #: why the model is not ready, with paths relative to the repository
     error: str | None = None
     #: every variant of this model version that is loaded (the default one included)
     siblings: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
@@ -71,16 +76,23 @@ class ModelStore:
     def load_all(self) -> None:
         options = RuntimeOptions.from_settings(self.settings)
         for name in self.repository.names():
+            for folder in self.repository.unpublished(name):
+                log.warning(
+                    "model %s: folder %s has no manifest.json, so it is not a version; skipped",
+                    name,
+                    self._relative(str(folder)),
+                )
             self.models[name] = self._load(name, options)
         ready = sum(m.ready for m in self.models.values())
         log.info("%d of %d models ready from %s", ready, len(self.models), self.repository.root)
 
     def _load(self, name: str, options: RuntimeOptions) -> LoadedModel:
-        """The default variant (or why it is not ready), with every other servable variant."""
+        """The default variant (or why it is not ready), with every other servable variant.
+        Each variant's file is checked on its own: a corrupt INT8 file makes that variant
+        unservable, not the model."""
         version = self.repository.versions(name)[-1]
         try:
             entry = self.repository.get(name, version)
-            entry.verify()
             serving = ModelServing.parse(entry.manifest.serving, name)
         except (RepositoryError, ValueError) as exc:
             return self._not_ready(name, version, "fp32", exc)
@@ -91,30 +103,40 @@ class ModelStore:
         unservable: dict[str, str] = {}
         for variant in wanted:
             why = self._unservable(manifest, variant, options)
+            if why is None:
+                try:
+                    loaded[variant] = self._load_variant(entry, variant, serving, options)
+                except (RepositoryError, ModelLoadError) as exc:
+                    if variant == default:
+                        return self._not_ready(name, version, variant, exc)
+                    why = self._relative(str(exc))
+                    log.error("model %s: variant %s is not served: %s", name, variant, exc)
             if why is not None:
                 unservable[variant] = why
-                continue
-            label = f"{name}:{version}:{variant}"
-            try:
-                session = OrtSession(entry.variant_path(variant), label, options)
-            except ModelLoadError as exc:
-                if variant == default:
-                    return self._not_ready(name, version, variant, exc)
-                log.error("model %s: variant %s is not served: %s", name, variant, exc)
-                unservable[variant] = f"onnxruntime could not load it: {exc}"
-                continue
-            model = LoadedModel(name, version, variant, manifest, session, serving=serving)
-            model.batcher = self._batcher(model)
-            m = metrics()
-            m.load_seconds.labels(*model.labels).set(session.load_seconds)
-            m.model_info.labels(*model.labels, session.provider).set(1)
-            loaded[variant] = model
         if default not in loaded:
             why = unservable.get(default, "not loaded")
             return self._not_ready(name, version, default, RepositoryError(why))
         for model in loaded.values():
             model.siblings, model.unservable = loaded, unservable
         return loaded[default]
+
+    def _load_variant(
+        self, entry: ModelVersion, variant: str, serving: ModelServing, options: RuntimeOptions
+    ) -> LoadedModel:
+        """One variant: its file checked against the manifest's sha256, then its session."""
+        manifest = entry.manifest
+        entry.verify([manifest.variants[variant].file])
+        label = f"{manifest.name}:{manifest.version}:{variant}"
+        session = OrtSession(entry.variant_path(variant), label, options)
+        model = LoadedModel(
+            manifest.name, manifest.version, variant, manifest, session, serving=serving
+        )
+        model.batcher = self._batcher(model)
+        model.expected = Expected.of(model.name, session.inputs, model.batcher.max_queue_size)
+        m = metrics()
+        m.load_seconds.labels(*model.labels).set(session.load_seconds)
+        m.model_info.labels(*model.labels, session.provider).set(1)
+        return model
 
     def _unservable(self, manifest: Manifest, variant: str, options: RuntimeOptions) -> str | None:
         entry = manifest.variants[variant]
@@ -127,12 +149,18 @@ class ModelStore:
             return None  # built where it could not be measured (FP16 on a CPU machine)
         return entry.reason or "marked unavailable in the manifest"
 
-    @staticmethod
-    def _not_ready(name: str, version: int, variant: str, exc: Exception) -> LoadedModel:
+    def _not_ready(self, name: str, version: int, variant: str, exc: Exception) -> LoadedModel:
         log.error("model %s version %s is not ready: %s", name, version, exc)
-        model = LoadedModel(name, version, variant, error=str(exc))
+        model = LoadedModel(name, version, variant, error=self._relative(str(exc)))
         metrics().model_info.labels(*model.labels, "none").set(0)
         return model
+
+    def _relative(self, message: str) -> str:
+        """``message`` with the repository's absolute path cut off (clients see reasons; they
+        need not learn where the server keeps its files)."""
+        for root in {str(self.repository.root.resolve()), str(self.repository.root)}:
+            message = message.replace(root + "/", "")
+        return message
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher:
         assert model.session is not None
@@ -176,27 +204,29 @@ class ModelStore:
         base, _, pinned = name.partition(VARIANT_SEPARATOR)
         if variant is not None and (not isinstance(variant, str) or not variant):
             raise InvalidInput(
-                f"request parameter 'variant' for model '{base}': expected a variant "
-                f"name (string), got {variant!r}"
+                f"request parameter 'variant' for model {clip(base, 64)!r}: expected a variant "
+                f"name (string), got {clip(variant, 32)}"
             )
         if pinned and variant and pinned != variant:
             raise InvalidInput(
-                f"model '{base}': the URL names variant '{pinned}', the request parameter "
-                f"'variant' names '{variant}'; name one"
+                f"model {clip(base, 64)!r}: the URL names variant {clip(pinned, 64)!r}, the "
+                f"request parameter 'variant' names {clip(variant, 64)!r}; name one"
             )
         model = self.models.get(base)
         if model is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"model '{base}' is not served here (models: {known})")
+            raise ModelNotFound(
+                f"model {clip(base, 64)!r} is not served here ({len(self.models)} models; "
+                "POST /v2/repository/index lists them)"
+            )
         if version is not None and version != str(model.version):
             raise ModelNotFound(
-                f"model '{base}' has no version '{version}' loaded "
+                f"model '{base}' has no version {clip(version, 32)!r} loaded "
                 f"(serving version {model.version})"
             )
         if not model.ready:
-            raise ModelNotReady(
-                f"model '{model.name}' version {model.version} is not ready: {model.error}",
-                self.settings.retry_after_s,
+            raise ModelUnavailable(
+                f"model '{model.name}' version {model.version} failed to load and will not "
+                f"be served until its repository folder is fixed: {model.error}"
             )
         wanted = pinned or variant
         return model if not wanted or wanted == model.variant else self._sibling(model, wanted)
@@ -207,14 +237,15 @@ class ModelStore:
         sibling = model.siblings.get(variant)
         if sibling is not None:
             return sibling
-        servable = ", ".join(sorted(model.siblings))
+        servable = names(sorted(model.siblings))
         if variant in model.unservable:
             raise ModelNotFound(
                 f"model '{model.name}' variant '{variant}' is not served here: "
                 f"{model.unservable[variant]} (served variants: {servable})"
             )
         raise ModelNotFound(
-            f"model '{model.name}' has no variant '{variant}' (served variants: {servable})"
+            f"model '{model.name}' has no variant {clip(variant, 64)!r} "
+            f"(served variants: {servable})"
         )
 
     def labels(self, name: str) -> tuple[str, str, str]:

@@ -155,3 +155,68 @@ def test_unexpected_failures_become_inference_failed() -> None:
     with pytest.raises(Exception, match="model m: inference failed: boom") as info:
         asyncio.run(main())
     assert info.value.status_code == 500
+
+
+def test_more_samples_than_the_queue_holds_is_413_not_retry_later() -> None:
+    from service.core.errors import PayloadTooLarge
+
+    batcher = DynamicBatcher(Recorder(), "m", max_batch_size=8, max_queue_size=32)
+    x = np.ones((33, 3), np.float32)
+    with pytest.raises(PayloadTooLarge, match="33 samples in one request, more than the 32") as e:
+        asyncio.run(batcher.infer({"x": x}, 33, 10.0))
+    assert e.value.status_code == 413 and "Retry-After" not in e.value.headers
+
+
+def test_requests_whose_client_hung_up_never_reach_the_model() -> None:
+    from service.core.errors import ClientClosedRequest
+
+    gate = threading.Event()
+    model = Recorder()
+
+    def blocked(feeds):
+        gate.wait(5)
+        return model(feeds)
+
+    batcher = DynamicBatcher(blocked, "m", max_batch_size=2)
+    hung_up = {"a": False, "b": True, "c": True, "d": False}
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer({"x": np.ones((2, 3), np.float32)}, 2, 10.0))
+        await asyncio.sleep(0.05)  # the first batch occupies the model
+        rest = {
+            k: asyncio.ensure_future(
+                batcher.infer(
+                    {"x": np.full((1, 3), i, np.float32)}, 1, 10.0, lambda k=k: hung_up[k]
+                )
+            )
+            for i, k in enumerate(hung_up)
+        }
+        await asyncio.sleep(0.01)
+        gate.set()
+        await first
+        return {k: await asyncio.gather(f, return_exceptions=True) for k, f in rest.items()}
+
+    results = asyncio.run(main())
+    assert isinstance(results["b"][0], ClientClosedRequest)
+    assert isinstance(results["c"][0], ClientClosedRequest)
+    assert results["a"][0][0].tolist() == [[0.0, 0.0, 0.0]]
+    assert results["d"][0][0].tolist() == [[6.0, 6.0, 6.0]]
+    assert model.calls == [2, 2]  # a and d ran together; b and c never did
+
+
+def test_the_deadline_estimate_is_the_model_time_not_the_event_loop_lag() -> None:
+    """A busy event loop delays when the batcher sees a batch finish; the estimate used to
+    refuse requests must not count that delay (it once predicted 10 s for 0.3 s of work)."""
+    batcher = DynamicBatcher(Recorder(delay=0.001), "m", max_batch_size=4)
+
+    async def main():
+        x = np.ones((4, 3), np.float32)
+        for _ in range(5):
+            task = asyncio.ensure_future(batcher.infer({"x": x}, 4, 10.0))
+            await asyncio.sleep(0)
+            time.sleep(0.05)  # the loop is busy while the model runs: 50 ms of lag
+            await task
+        return batcher._seconds_per_sample
+
+    per_sample = asyncio.run(main())
+    assert per_sample < 0.005  # about 1 ms / 4 samples, far from the 50 ms of lag

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from service.core.errors import ModelNotFound, ModelNotReady
+from service.core.errors import ModelNotFound, ModelUnavailable
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
 from service.serving.store import ModelStore
@@ -32,13 +32,14 @@ def test_a_model_that_fails_to_load_is_kept_as_not_ready(tiny_repo: ModelReposit
     store.load_all()
     assert store.models["alpha"].ready and not store.models["beta"].ready
     with pytest.raises(
-        ModelNotReady, match=r"model 'beta' version 1 is not ready: .*sha256"
+        ModelUnavailable, match=r"model 'beta' version 1 failed to load and will not be served"
     ) as info:
         store.resolve("beta")
-    assert info.value.headers == {"Retry-After": "1"}
-    with pytest.raises(
-        ModelNotFound, match=r"model 'zeta' is not served here \(models: alpha, beta\)"
-    ):
+    # permanent: 400 as Triton answers, no Retry-After, and no absolute path for clients
+    assert info.value.status_code == 400 and info.value.headers == {}
+    assert "beta/1/model.onnx: sha256" in info.value.message
+    assert str(tiny_repo.root) not in info.value.message
+    with pytest.raises(ModelNotFound, match=r"model 'zeta' is not served here \(2 models; "):
         store.resolve("zeta")
 
 
@@ -67,9 +68,82 @@ def test_a_bad_serving_value_marks_only_that_model_not_ready(
     store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
     store.load_all()
     assert store.models["alpha"].ready and not store.models["gamma"].ready
-    with pytest.raises(ModelNotReady, match=r"model 'gamma' version 1 is not ready: ") as info:
+    with pytest.raises(ModelUnavailable, match=r"model 'gamma' version 1 failed to load") as info:
         store.resolve("gamma")
     assert "manifest 'serving' is invalid" in str(info.value)
-    assert info.value.status_code == 503
-    with pytest.raises(ModelNotReady, match=expected):
+    assert info.value.status_code == 400
+    with pytest.raises(ModelUnavailable, match=expected):
         store.resolve("gamma")
+
+
+def test_a_corrupt_variant_file_takes_down_that_variant_only(tiny_repo: ModelRepository) -> None:
+    """Each variant's file is checked on its own: the model keeps serving its others."""
+    from service.core.repository import Variant
+    from tests.conftest import write_identity_onnx
+
+    staging = tiny_repo.staging_dir("gamma")
+    write_identity_onnx(staging / "model.onnx")
+    write_identity_onnx(staging / "model.int8-dynamic.onnx")
+    write_identity_onnx(staging / "model.pruned.onnx")
+    manifest = publish_identity.__globals__["Manifest"](
+        name="gamma",
+        version=0,
+        task="unknown",
+        inputs=[],
+        outputs=[],
+        variants={
+            "fp32": Variant("model.onnx"),
+            "int8-dynamic": Variant("model.int8-dynamic.onnx"),
+            "pruned": Variant("model.pruned.onnx"),
+        },
+    )
+    version = tiny_repo.publish(staging, manifest)
+    (version.path / "model.int8-dynamic.onnx").write_bytes(b"flipped")
+    store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
+    store.load_all()
+    gamma = store.models["gamma"]
+    assert gamma.ready and sorted(gamma.siblings) == ["fp32", "pruned"]
+    assert store.resolve("gamma@pruned").variant == "pruned"
+    with pytest.raises(ModelNotFound, match="variant 'int8-dynamic' is not served here: .*sha256"):
+        store.resolve("gamma@int8-dynamic")
+    assert str(tiny_repo.root) not in gamma.unservable["int8-dynamic"]
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda v: _flip_a_byte(v / "model.onnx"), "sha256"),
+        (lambda v: (v / "model.onnx").write_bytes((v / "model.onnx").read_bytes()[:20]), "sha256"),
+        (lambda v: (v / "model.onnx").unlink(), "listed in manifest.json but missing"),
+        (lambda v: (v / "manifest.json").write_text("{"), "manifest is not readable JSON"),
+        (lambda v: (v / "manifest.json").write_text('{"format": "x"}'), "does not follow"),
+    ],
+    ids=["flipped-byte", "truncated", "missing-file", "manifest-not-json", "manifest-wrong"],
+)
+def test_a_damaged_model_is_refused_with_its_reason_and_the_others_serve(
+    tiny_repo: ModelRepository, damage, reason: str
+) -> None:
+    damage(tiny_repo.root / "beta" / "1")
+    store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
+    store.load_all()
+    assert store.models["alpha"].ready and not store.models["beta"].ready
+    assert reason in store.models["beta"].error
+    with pytest.raises(ModelUnavailable, match=reason):
+        store.resolve("beta")
+
+
+def test_a_version_folder_without_a_manifest_is_skipped_and_said(
+    tiny_repo: ModelRepository, caplog
+) -> None:
+    (tiny_repo.root / "beta" / "2").mkdir()
+    (tiny_repo.root / "beta" / "2" / "model.onnx").write_bytes(b"half copied")
+    store = ModelStore(tiny_repo, Settings(model_repository=tiny_repo.root))
+    store.load_all()
+    assert store.models["beta"].ready and store.models["beta"].version == 1
+    assert "model beta: folder beta/2 has no manifest.json, so it is not a version" in caplog.text
