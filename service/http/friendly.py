@@ -2,7 +2,10 @@
 
 Each takes a model name and rows of numbers and hands the dataplane a decoder (rows -> the
 model's input tensor) and an encoder (outputs -> an answer in the task's terms): the model runs
-the one way every transport runs it (:meth:`DataPlane.infer`).
+the one way every transport runs it (:meth:`DataPlane.infer`). Their request bodies are the
+pydantic models below, one schema for the lean handler (:class:`FriendlyApp`, which serves
+them in front of BentoML's stack) and for the BentoML API methods that document them in the
+OpenAPI page.
 """
 
 from __future__ import annotations
@@ -10,19 +13,91 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.datatypes import from_numpy, to_numpy
-from ..core.errors import InvalidInput
-from ..core.protocol import InferRequest
+from ..core.errors import InvalidInput, MethodNotAllowed, UnsupportedMediaType
+from ..core.protocol import InferRequest, dumps
 from ..serving.dataplane import DataPlane, Decode, Inference
 from ..serving.store import LoadedModel
+from ..serving.tracing import Call
+from .asgi import JSON, Receive, Scope, Send, read_body, respond
 
-__all__ = ["classify", "regress", "transform", "generate", "png_base64", "MAX_GENERATE"]
+__all__ = [
+    "classify",
+    "regress",
+    "transform",
+    "generate",
+    "png_base64",
+    "MAX_GENERATE",
+    "ClassifyRequest",
+    "RowsRequest",
+    "GenerateRequest",
+    "FriendlyApp",
+    "ROUTES",
+]
 
 MAX_GENERATE = 1024
+
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        description="A model of the repository, e.g. digits-cnn (name@variant picks a variant).",
+    ),
+]
+Rows = Annotated[
+    list[Annotated[list[float], Field(min_length=1)]],
+    Field(
+        min_length=1,
+        description="One list of numbers per sample, after the preprocessing in the model's "
+        "manifest (digits: pixels / 16, 64 per row).",
+    ),
+]
+
+
+class RowsRequest(BaseModel):
+    """The body of /regress and /transform."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: ModelName
+    rows: Rows
+
+
+class ClassifyRequest(RowsRequest):
+    """The body of /classify."""
+
+    top_k: int = Field(1, ge=1, le=100, description="How many labels per row, best first.")
+
+
+class GenerateRequest(BaseModel):
+    """The body of /generate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: ModelName
+    n: int = Field(1, ge=1, le=MAX_GENERATE, description="How many samples.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="The same seed gives the same samples.")
+    labels: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        None, description="The class of each sample, for conditional generators."
+    )
+    format: Literal["array", "png"] = Field("array", description="Arrays in [0, 1] or PNG.")
+    scale: int = Field(8, ge=1, le=32, description="PNG pixel size.")
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one line: each field, what it needs, what came (cut short)."""
+    problems = []
+    for e in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        got = repr(e.get("input"))
+        problems.append(f"'{where}': {e['msg']} (got {got[:40]}{'...' if len(got) > 40 else ''})")
+    more = f"; and {exc.error_count() - 5} more" if exc.error_count() > 5 else ""
+    return "; ".join(problems) + more
 
 
 def _single_input(model: LoadedModel, rows: list[list[float]]) -> InferRequest:
@@ -88,7 +163,11 @@ def _answer(model: LoadedModel, **body: Any) -> dict[str, Any]:
 
 
 async def classify(
-    dataplane: DataPlane, name: str, rows: list[list[float]], top_k: int = 1
+    dataplane: DataPlane,
+    name: str,
+    rows: list[list[float]],
+    top_k: int = 1,
+    call: Call | None = None,
 ) -> dict[str, Any]:
     """Labels with probabilities, best first (``top_k`` of them per row)."""
 
@@ -110,10 +189,15 @@ async def classify(
             predictions.append({**ranked[0], "top_k": ranked})
         return _answer(model, predictions=predictions)
 
-    return await dataplane.infer(name, None, _rows_for("classify", rows), encode)
+    return await dataplane.infer(name, None, _rows_for("classify", rows), encode, call)
 
 
-async def regress(dataplane: DataPlane, name: str, rows: list[list[float]]) -> dict[str, Any]:
+async def regress(
+    dataplane: DataPlane,
+    name: str,
+    rows: list[list[float]],
+    call: Call | None = None,
+) -> dict[str, Any]:
     """One value per row (a list per row for multi-target models)."""
 
     def encode(done: Inference) -> dict[str, Any]:
@@ -121,10 +205,15 @@ async def regress(dataplane: DataPlane, name: str, rows: list[list[float]]) -> d
         values = flat[:, 0].tolist() if flat.shape[1] == 1 else flat.tolist()
         return _answer(done.model, values=values)
 
-    return await dataplane.infer(name, None, _rows_for("regress", rows), encode)
+    return await dataplane.infer(name, None, _rows_for("regress", rows), encode, call)
 
 
-async def transform(dataplane: DataPlane, name: str, rows: list[list[float]]) -> dict[str, Any]:
+async def transform(
+    dataplane: DataPlane,
+    name: str,
+    rows: list[list[float]],
+    call: Call | None = None,
+) -> dict[str, Any]:
     """Every output of an embedding, PCA, encoder, autoencoder or clustering model, per row."""
 
     def encode(done: Inference) -> dict[str, Any]:
@@ -134,7 +223,7 @@ async def transform(dataplane: DataPlane, name: str, rows: list[list[float]]) ->
             body["cluster"] = body.pop("label")
         return _answer(done.model, outputs=body)
 
-    return await dataplane.infer(name, None, _rows_for("transform", rows), encode)
+    return await dataplane.infer(name, None, _rows_for("transform", rows), encode, call)
 
 
 async def generate(
@@ -145,6 +234,7 @@ async def generate(
     labels: list[int] | None = None,
     image_format: str = "array",
     scale: int = 8,
+    call: Call | None = None,
 ) -> dict[str, Any]:
     """``n`` samples from a generator, seeded: the same seed gives the same samples."""
 
@@ -170,7 +260,7 @@ async def generate(
             return _answer(done.model, seed=seed, format="png", images=encoded)
         return _answer(done.model, seed=seed, format="array", images=images.tolist())
 
-    return await dataplane.infer(name, None, decode, encode)
+    return await dataplane.infer(name, None, decode, encode, call)
 
 
 def _latent_request(
@@ -188,10 +278,18 @@ def _latent_request(
                 f"model '{model.name}': input '{spec.name}' has no fixed size to sample"
             )
         if spec.datatype == "INT64":  # the class to draw (conditional generators)
-            wanted = labels if labels is not None else [i % 10 for i in range(n)]
+            classes = len(model.manifest.labels or []) if model.manifest else 0
+            classes = classes or 10
+            wanted = labels if labels is not None else [i % classes for i in range(n)]
             if len(wanted) != n:
                 raise InvalidInput(
                     f"'labels': expected {n} values (one per sample), got {len(wanted)}"
+                )
+            if any(not 0 <= c < classes for c in wanted):
+                bad = next(c for c in wanted if not 0 <= c < classes)
+                raise InvalidInput(
+                    f"'labels' for model '{model.name}': expected classes 0..{classes - 1}, "
+                    f"got {bad}"
                 )
             inputs[spec.name] = np.asarray(wanted, dtype=np.int64).reshape(n, *dims)
         else:
@@ -219,3 +317,53 @@ def png_base64(image: np.ndarray, scale: int = 1) -> str:
         + chunk(b"IEND", b"")
     )
     return base64.b64encode(png).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# the lean handler: the same endpoints in front of BentoML's stack
+
+Endpoint = Callable[[DataPlane, Any, Call], Awaitable[dict[str, Any]]]
+
+#: path -> (the body's schema, the call)
+ROUTES: dict[str, tuple[type[BaseModel], Endpoint]] = {
+    "/classify": (
+        ClassifyRequest,
+        lambda d, r, g: classify(d, r.model, r.rows, r.top_k, g),
+    ),
+    "/regress": (RowsRequest, lambda d, r, g: regress(d, r.model, r.rows, g)),
+    "/transform": (RowsRequest, lambda d, r, g: transform(d, r.model, r.rows, g)),
+    "/generate": (
+        GenerateRequest,
+        lambda d, r, g: generate(d, r.model, r.n, r.seed, r.labels, r.format, r.scale, g),
+    ),
+}
+
+
+class FriendlyApp:
+    """``POST /classify`` and the others: a JSON body checked against its schema, the model
+    run by the dataplane, the answer as JSON. Errors are raised for the caller to answer."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+        self.max_body_bytes = dataplane.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
+        path = scope["path"]
+        schema, endpoint = ROUTES[path]
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(f"{path} takes POST, got {scope['method']}", "POST")
+        for header, value in scope["headers"]:
+            if header == b"content-type":
+                media = value.split(b";")[0].strip().lower()
+                if media != b"application/json":
+                    raise UnsupportedMediaType(
+                        f"{path} takes a JSON body (content-type: application/json), got "
+                        f"{media.decode('latin-1')[:64]!r}"
+                    )
+        body = await read_body(scope, receive, self.max_body_bytes)
+        try:
+            request = schema.model_validate_json(body)
+        except ValidationError as exc:
+            raise InvalidInput(f"{path}: {describe(exc)}") from None
+        answer = await endpoint(self.dataplane, request, call)
+        await respond(send, 200, dumps(answer), JSON)

@@ -10,9 +10,11 @@ excluded from tracing (BentoML's public options alone).
 How: BentoML 1.4's worker builds its ASGI app with exactly one call,
 ``service.to_asgi(is_main=...)`` (``_bentoml_impl/worker/service.py``), and hands the result to
 uvicorn. We wrap ``_bentoml_sdk.service.factory.Service.to_asgi`` so that, for services
-registered here, the app it returns is a path dispatcher: ``/v2...`` to the lean app,
-everything else (lifespan included) to BentoML's app, which keeps workers, lifecycle,
-``/livez``, ``/readyz`` and ``/metrics``.
+registered here, the app it returns is a path dispatcher (:class:`Front`): ``/v2...``, the
+friendly endpoints and unknown paths to the lean app, BentoML's own routes (lifespan included)
+to BentoML's app, which keeps lifecycle, ``/livez``, ``/readyz``, ``/metrics`` and the docs
+page. slimserve's own worker (:mod:`service.server.worker`) builds its app the same way, with
+the same call.
 
 When an upgrade moves that hook, nothing fails silently: :func:`check_bentoml_internals` is
 asked at import, and a BentoML that no longer builds its app through ``to_asgi`` gets ``/v2``
@@ -27,10 +29,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
-    "PrefixDispatch",
+    "Front",
     "mount_outermost",
     "check_bentoml_internals",
     "require_live",
@@ -39,8 +42,8 @@ __all__ = [
 
 log = logging.getLogger("slimserve.outermost")
 
-#: service name -> (prefix, lean app), for every service registered here
-_REGISTRY: dict[str, tuple[str, Any]] = {}
+#: service name -> (prefix, lean app, lean paths), for every service registered here
+_REGISTRY: dict[str, tuple[str, Any, frozenset[str]]] = {}
 #: service name -> how its prefix is served: "outermost" (in front of BentoML's middleware,
 #: set when BentoML built the app) or "mounted" (the public fallback)
 _LIVE: dict[str, str] = {}
@@ -50,22 +53,65 @@ class OutermostRouteDead(RuntimeError):
     """The lean app is registered but no route reaches it."""
 
 
-class PrefixDispatch:
-    """``prefix`` and ``prefix/...`` go to ``lean``; everything else goes to ``bento``."""
+class Front:
+    """The worker's app: the lean app first, BentoML's stack for BentoML's own routes.
 
-    __slots__ = ("lean", "bento", "prefix", "prefix_slash")
+    To the lean app go ``prefix`` (``/v2``) and everything below it, ``lean_paths`` (the
+    friendly endpoints, the OpenAPI document), and every path BentoML has no route for (the
+    lean app answers it 404), so that BentoML's middleware, which labels its metrics by raw
+    path, never sees an unknown URL. BentoML gets its health, metrics, docs page and assets
+    routes, and the lifespan.
+    """
 
-    def __init__(self, lean: Any, bento: Any, prefix: str) -> None:
+    __slots__ = (
+        "lean",
+        "bento",
+        "prefix",
+        "prefix_slash",
+        "lean_paths",
+        "bento_paths",
+        "bento_dirs",
+    )
+
+    def __init__(self, lean: Any, bento: Any, prefix: str, lean_paths: Iterable[str] = ()) -> None:
         self.lean, self.bento = lean, bento
         self.prefix = prefix.rstrip("/")
         self.prefix_slash = self.prefix + "/"
+        self.lean_paths = frozenset(lean_paths)
+        self.bento_paths, self.bento_dirs = _routes_of(bento)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if path.startswith(self.prefix_slash) or path == self.prefix:
+            if path.startswith(self.prefix_slash) or path == self.prefix or path in self.lean_paths:
+                return await self.lean(scope, receive, send)
+            if (
+                self.bento_paths is not None
+                and path not in self.bento_paths
+                and not path.startswith(self.bento_dirs)
+            ):
                 return await self.lean(scope, receive, send)
         return await self.bento(scope, receive, send)
+
+
+def _routes_of(app: Any) -> tuple[frozenset[str] | None, tuple[str, ...]]:
+    """The exact paths and the folders (mounts, path parameters) a Starlette app routes;
+    ``(None, ())`` when ``app`` is not one (then everything else goes to BentoML)."""
+    routes = getattr(getattr(app, "router", None), "routes", None)
+    if not isinstance(routes, list):
+        log.warning("BentoML's app has no route list; unknown paths go through its stack")
+        return None, ()
+    paths: set[str] = set()
+    dirs: list[str] = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        if "{" in path or not hasattr(route, "methods"):  # a mount or a parameter
+            dirs.append(path.split("{")[0].rstrip("/") + "/")
+        else:
+            paths.add(path)
+    return frozenset(paths), tuple(dirs)
 
 
 def check_bentoml_internals() -> None:
@@ -85,10 +131,13 @@ def check_bentoml_internals() -> None:
         )
 
 
-def mount_outermost(service: Any, lean_app: Any, prefix: str = "/v2") -> str:
-    """Serve ``prefix`` of ``service`` (a ``@bentoml.service`` class) with ``lean_app``, in
-    front of BentoML's middleware where this BentoML allows it, else mounted the public way.
-    Returns ``"outermost"`` or ``"mounted"``."""
+def mount_outermost(
+    service: Any, lean_app: Any, prefix: str = "/v2", lean_paths: Iterable[str] = ()
+) -> str:
+    """Serve ``prefix`` of ``service`` (a ``@bentoml.service`` class), ``lean_paths`` and
+    unknown paths with ``lean_app``, in front of BentoML's middleware where this BentoML allows
+    it; else mount ``prefix`` the public way (the other paths stay BentoML's). Returns
+    ``"outermost"`` or ``"mounted"``."""
     try:
         check_bentoml_internals()
     except Exception as exc:  # any change in BentoML's internals: take the public road
@@ -101,7 +150,7 @@ def mount_outermost(service: Any, lean_app: Any, prefix: str = "/v2") -> str:
         service.mount_asgi_app(lean_app, path=prefix, name=f"slimserve{prefix}")
         _LIVE[service.name] = "mounted"
         return "mounted"
-    _REGISTRY[service.name] = (prefix, lean_app)
+    _REGISTRY[service.name] = (prefix, lean_app, frozenset(lean_paths))
     _wrap_to_asgi()
     return "outermost"
 
@@ -118,8 +167,8 @@ def _wrap_to_asgi() -> None:
         app = original(self, is_main=is_main)
         registered = _REGISTRY.get(self.name)
         if registered is not None:
-            prefix, lean = registered
-            app = PrefixDispatch(lean, app, prefix)
+            prefix, lean, lean_paths = registered
+            app = Front(lean, app, prefix, lean_paths)
             _LIVE[self.name] = "outermost"
         return app
 

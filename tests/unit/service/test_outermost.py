@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import pytest
 
-from service.http.outermost import PrefixDispatch, check_bentoml_internals
+from service.http.outermost import Front, check_bentoml_internals
 
 
 def test_bentoml_still_builds_the_worker_app_through_to_asgi() -> None:
     check_bentoml_internals()
 
 
+class _Routes:
+    """What a Starlette app shows of its routes: paths with methods, and mounts."""
+
+    class Route:
+        def __init__(self, path: str) -> None:
+            self.path, self.methods = path, {"GET"}
+
+    class Mount:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+    def __init__(self) -> None:
+        self.routes = [self.Route("/metrics"), self.Route("/"), self.Mount("/static_content")]
+        self.routes.append(self.Route("/items/{id}"))
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
-    [("/v2", "lean"), ("/v2/models/m/infer", "lean"), ("/v20", "bento"), ("/metrics", "bento")],
+    [
+        ("/v2", "lean"),
+        ("/v2/models/m/infer", "lean"),
+        ("/classify", "lean"),  # a lean path, although BentoML has a route for it too
+        ("/metrics", "bento"),
+        ("/", "bento"),
+        ("/static_content/app.js", "bento"),
+        ("/items/7", "bento"),
+        ("/v20", "lean"),  # BentoML has no route for it: the lean app answers 404
+        ("/x%0Ay", "lean"),
+    ],
 )
-def test_prefix_dispatch(path: str, expected: str) -> None:
+def test_front_dispatch(path: str, expected: str) -> None:
     import asyncio
 
     seen = []
@@ -26,8 +52,10 @@ def test_prefix_dispatch(path: str, expected: str) -> None:
     async def bento(scope, receive, send):
         seen.append("bento")
 
-    asyncio.run(PrefixDispatch(lean, bento, "/v2")({"type": "http", "path": path}, None, None))
-    asyncio.run(PrefixDispatch(lean, bento, "/v2")({"type": "lifespan"}, None, None))
+    bento.router = _Routes()  # type: ignore[attr-defined]
+    front = Front(lean, bento, "/v2", ["/classify"])
+    asyncio.run(front({"type": "http", "path": path}, None, None))
+    asyncio.run(front({"type": "lifespan"}, None, None))
     assert seen == [expected, "bento"]
 
 
@@ -71,22 +99,23 @@ def _get(app, path: str) -> tuple[int, bytes]:
 
 
 def test_the_worker_app_routes_v2_to_the_lean_app_first() -> None:
-    from service.http.outermost import PrefixDispatch, mount_outermost, require_live
+    from service.http.outermost import Front, mount_outermost, require_live
 
     service = _probe_service("outermost-probe-a")
     assert mount_outermost(service, _lean, "/v2") == "outermost"
     app = service.to_asgi(is_main=True)  # what BentoML's worker calls
-    assert isinstance(app, PrefixDispatch) and app.lean is _lean
+    assert isinstance(app, Front) and app.lean is _lean
+    assert {"/livez", "/readyz", "/metrics", "/docs.json", "/hello"} <= app.bento_paths
     assert require_live("outermost-probe-a") == "outermost"
     assert _get(app, "/v2/models/x") == (200, b'{"lean": true}')
 
 
 def test_services_are_matched_by_name_not_identity() -> None:
-    from service.http.outermost import PrefixDispatch, mount_outermost
+    from service.http.outermost import Front, mount_outermost
 
     mount_outermost(_probe_service("outermost-probe-b"), _lean, "/v2")
     reimported = _probe_service("outermost-probe-b")  # the module imported a second time
-    assert isinstance(reimported.to_asgi(is_main=True), PrefixDispatch)
+    assert isinstance(reimported.to_asgi(is_main=True), Front)
 
 
 def test_changed_internals_fall_back_to_the_public_mount(monkeypatch, caplog) -> None:
@@ -102,7 +131,7 @@ def test_changed_internals_fall_back_to_the_public_mount(monkeypatch, caplog) ->
     assert [(app, path) for app, path, _ in service.mount_apps] == [(_lean, "/v2")]
     assert outermost.require_live("outermost-probe-c") == "mounted"
     app = service.to_asgi(is_main=True)
-    assert not isinstance(app, outermost.PrefixDispatch)
+    assert not isinstance(app, outermost.Front)
     status, body = _get(app, "/v2/models/x")
     assert (status, body) == (200, b'{"lean": true}')
 
