@@ -78,14 +78,56 @@ def test_generate_is_seeded_and_encodes_png(server) -> None:
             400,
             "'labels': expected 2 values",
         ),
-        ("classify", {"model": "iris-knn", "rows": [[1.0] * 4]}, 503, "is not ready"),
-        ("classify", {"model": "digits-cnn", "rows": [["x"] * 64]}, 400, "validation error"),
+        ("classify", {"model": "iris-knn", "rows": [[1.0] * 4]}, 400, "failed to load"),
+        (
+            "classify",
+            {"model": "digits-cnn", "rows": [["x"] * 64]},
+            400,
+            "/classify: 'rows.0.0': Input should be a valid number (got 'x')",
+        ),
+        ("classify", {"model": "digits-cnn", "rows": []}, 400, "'rows': List should have"),
+        ("classify", {"model": "digits-cnn", "rows": [[0.0] * 64], "top_k": 0}, 400, "'top_k'"),
+        ("classify", {"model": "digits-cnn", "rows": [[0.0] * 64], "topk": 2}, 400, "'topk'"),
+        ("generate", {"model": "digits-gan", "seed": -1}, 400, "'seed': Input should be"),
+        ("generate", {"model": "digits-gan", "labels": [2**64]}, 400, "'labels.0'"),
+        (
+            "generate",
+            {"model": "digits-gan", "n": 1, "labels": [10]},
+            400,
+            "'labels' for model 'digits-gan': expected classes 0..9, got 10",
+        ),
+        ("generate", {"model": "digits-gan", "format": "gif"}, 400, "'format'"),
+        ("regress", {"model": "diabetes-linear", "rows": [[True] * 10]}, 400, "'rows.0.0'"),
+        ("transform", {"rows": [[1.0]]}, 400, "'model': Field required"),
     ],
 )
 def test_friendly_errors(server, endpoint, body, status, message) -> None:
+    """Every error has the one shape {"error": "..."} the OpenAPI document publishes."""
     r = post(server, endpoint, **body)
     assert r.status_code == status, r.text
+    assert list(r.json()) == ["error"] and message in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "message"),
+    [
+        (b"{", {"content-type": "application/json"}, 400, "Invalid JSON"),
+        (b"[1, 2]", {"content-type": "application/json"}, 400, "/classify:"),
+        (b"\xff\xfe", {"content-type": "application/json"}, 400, "/classify:"),
+        (b"rows=1", {"content-type": "application/x-www-form-urlencoded"}, 415, "JSON body"),
+        (b"", {}, 400, "/classify:"),
+    ],
+)
+def test_friendly_bodies_that_are_not_json_objects(server, content, headers, status, message):
+    r = httpx.post(f"{server.url}/classify", content=content, headers=headers, timeout=10)
+    assert r.status_code == status, r.text
     assert message in r.json()["error"]
+
+
+def test_friendly_endpoints_take_post_only(server) -> None:
+    r = httpx.get(f"{server.url}/classify", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json() == {"error": "/classify takes POST, got GET"}
 
 
 def test_friendly_endpoints_are_in_the_openapi_page(server) -> None:

@@ -13,7 +13,7 @@ import pytest
 from export.data import load
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
-from service.http.v2 import V2App
+from service.http.app import HttpApp
 from service.serving.dataplane import DataPlane
 from service.serving.metrics import metrics
 from service.serving.store import ModelStore
@@ -116,7 +116,7 @@ def store(zoo_repo: ModelRepository) -> ModelStore:
 
 def call(store: ModelStore, method: str, path: str, **kwargs) -> httpx.Response:
     async def main():
-        transport = httpx.ASGITransport(app=V2App(DataPlane(store)))
+        transport = httpx.ASGITransport(app=HttpApp(DataPlane(store), dict))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, path, **kwargs)
 
@@ -181,7 +181,7 @@ def test_metadata_carries_the_variants_and_the_card(store: ModelStore) -> None:
             "/v2/models/digits-cnn@int4/infer",
             {},
             404,
-            "model 'digits-cnn' has no variant 'int4' (served variants: distilled, fp32, int8-dynamic, int8-static, pruned",
+            "model 'digits-cnn' has no variant 'int4' (served variants: ['distilled', 'fp32', 'int8-dynamic', 'int8-static', 'pruned'",
         ),
         (
             "/v2/models/digits-cnn/infer",

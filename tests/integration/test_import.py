@@ -23,7 +23,7 @@ from export.importer import ModelImportError, import_onnx
 from service.core.datatypes import from_numpy, to_numpy
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
-from service.http.v2 import V2App
+from service.http.app import HttpApp
 from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 
@@ -212,7 +212,7 @@ def serve(repo: ModelRepository, requests: Callable, **settings) -> list:
     store.load_all()
 
     async def main():
-        transport = httpx.ASGITransport(app=V2App(DataPlane(store)))
+        transport = httpx.ASGITransport(app=HttpApp(DataPlane(store), dict))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return await requests(client)

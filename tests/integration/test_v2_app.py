@@ -13,7 +13,7 @@ import pytest
 from export.data import load
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
-from service.http.v2 import V2App
+from service.http.app import HttpApp
 from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 
@@ -41,7 +41,7 @@ def store(app_repo: ModelRepository) -> ModelStore:
 
 def run(store: ModelStore, coro_fn):
     async def main():
-        transport = httpx.ASGITransport(app=V2App(DataPlane(store)))
+        transport = httpx.ASGITransport(app=HttpApp(DataPlane(store), dict))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await coro_fn(client)
 
@@ -190,8 +190,8 @@ def test_binary_tensors_both_ways(store: ModelStore) -> None:
         (
             "/v2/models/iris-knn/infer",
             {"inputs": []},
-            503,
-            "model 'iris-knn' version 1 is not ready",
+            400,
+            "model 'iris-knn' version 1 failed to load and will not be served",
         ),
         ("/v2/models/digits-cnn/infer", b"{oops", 400, "request body is not valid JSON"),
         (
@@ -210,7 +210,7 @@ def test_binary_tensors_both_ways(store: ModelStore) -> None:
             "/v2/models/digits-cnn/infer",
             infer_body(np.zeros((1, 1, 8, 8), np.float32), name="image"),
             400,
-            "missing ['pixels']",
+            "model 'digits-cnn' has no input 'image'; it expects inputs ['pixels']",
         ),
         (
             "/v2/models/digits-cnn/infer",
