@@ -19,6 +19,7 @@ help:
 	@echo "make list     show the model repository (python -m export list)"
 	@echo "make verify   check hashes and that onnxruntime loads every model"
 	@echo "make bench    serving benchmark: slimserve vs FastAPI and plain BentoML (about 8 min)"
+	@echo "make bench-ab BASE=rev   slimserve at a git revision vs this checkout (about 3 min)"
 	@echo "make loadtest Locust against a running server (SCENARIO, USERS, RUN_TIME, URL)"
 	@echo "make batch    score a 10,000-row sample file with python -m service.batch (BATCH_ARGS)"
 	@echo "make bench-batch  batch job vs in-process onnxruntime on 1,000,000 rows (about 3 min)"
@@ -70,6 +71,13 @@ lint: install
 # same models, started and stopped by the harness; results in loadtest/results/<UTC time>/.
 bench: install
 	$(PY) -m loadtest.serving $(BENCH_ARGS)
+
+# slimserve at BASE (a git revision) against this checkout, alternately, on the headline cells
+#   make bench-ab BASE=HEAD~3
+BASE ?= HEAD
+.PHONY: bench-ab
+bench-ab: install
+	$(PY) -m loadtest.serving.ab --base $(BASE) $(BENCH_ARGS)
 
 # Locust, headless and bounded, against a running server (make serve in another shell):
 #   make loadtest SCENARIO=MixedUser USERS=16 RUN_TIME=30s URL=http://127.0.0.1:3000

@@ -65,6 +65,7 @@ __all__ = [
     "measure_startup",
     "ort_ceiling",
     "payloads",
+    "run_phase",
     "summarise",
     "sweep_cells",
     "variant_cells",
@@ -250,7 +251,8 @@ def summarise(runs: list[LoadResult]) -> dict[str, Any]:
     """The medians of a cell's repeats; errors, requests and successes summed."""
     keys = ["req_per_s", "samples_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms"]
     keys += ["server_cpu_percent", "client_cpu_percent"]
-    out: dict[str, Any] = {k: _median([getattr(r, k) for r in runs]) for k in keys}
+    keys += ["server_cpu_us_per_request", "server_cpu_us_per_sample"]
+    out: dict[str, Any] = {k: _median([getattr(r, k, math.nan) for r in runs]) for k in keys}
     errors: Counter[str] = Counter()
     for r in runs:
         errors.update(r.errors)
@@ -264,7 +266,7 @@ def summarise(runs: list[LoadResult]) -> dict[str, Any]:
     return out
 
 
-def _phase(
+def run_phase(
     server: ServerProcess, cells: list[Cell], opts: Options, results: dict[str, list[LoadResult]]
 ) -> None:
     """Start ``server``, check and load each of its ``cells`` in turn, stop it whatever happens."""
@@ -336,7 +338,7 @@ class _Round:
                 server = slimserve(self.repo, self.work, logs / f"slimserve-{r}.log")
                 self.servers.append(server)
                 cells = [c for c in self.cells if kind in c.servers]
-                _phase(server, cells, self.opts, self.results)
+                run_phase(server, cells, self.opts, self.results)
                 _ceilings(ModelRepository(self.repo), self.opts, self.ceilings)
                 continue
             for model in (CNN, MLP):
@@ -347,7 +349,7 @@ class _Round:
                 else:
                     server = bentoml_baseline(self.repo, model, kind, self.work, log)
                 self.servers.append(server)
-                _phase(server, cells, self.opts, self.results)
+                run_phase(server, cells, self.opts, self.results)
 
 
 def measure(

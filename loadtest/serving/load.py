@@ -49,6 +49,9 @@ class LoadResult:
     server_cpu_percent: float
     client_cpu_percent: float
     server_memory: dict[str, Any]
+    #: CPU time of every server process over the window, per answered request and sample
+    server_cpu_us_per_request: float = math.nan
+    server_cpu_us_per_sample: float = math.nan
 
 
 async def closed_loop(
@@ -118,4 +121,6 @@ async def closed_loop(
         server_cpu_percent=100 * (s1 - s0) / duration_s,
         client_cpu_percent=100 * (c1 - c0) / duration_s,
         server_memory=memory,
+        server_cpu_us_per_request=1e6 * (s1 - s0) / ok if ok else math.nan,
+        server_cpu_us_per_sample=1e6 * (s1 - s0) / (ok * samples_per_request) if ok else math.nan,
     )

@@ -186,6 +186,7 @@ class ServerProcess:
     port: int
     log: Path
     ready_path: str = READY_PATH
+    cwd: Path = ROOT  # the checkout it runs from (another one for before/after runs)
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready_seconds: float = 0.0
@@ -201,7 +202,7 @@ class ServerProcess:
         self.started_at = time.perf_counter()
         self.process = subprocess.Popen(
             self.command,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -317,7 +318,10 @@ def stop_live() -> None:
         server.stop()
 
 
-def slimserve(repo: Path, work: Path, log: Path) -> ServerProcess:
+def slimserve(
+    repo: Path, work: Path, log: Path, checkout: Path = ROOT, kind: str = SLIMSERVE
+) -> ServerProcess:
+    """``python -m service`` of ``checkout`` (this one, or another for before/after runs)."""
     port = free_port()
     env = {
         **os.environ,
@@ -327,7 +331,8 @@ def slimserve(repo: Path, work: Path, log: Path) -> ServerProcess:
         "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-", dir=work),
         "BENTOML_DO_NOT_TRACK": "true",
     }
-    return ServerProcess(SLIMSERVE, None, [sys.executable, "-m", "service"], env, port, log)
+    cmd = [sys.executable, "-m", "service"]
+    return ServerProcess(kind, None, cmd, env, port, log, cwd=checkout)
 
 
 def fastapi_baseline(repo: Path, model: str, log: Path) -> ServerProcess:
