@@ -73,11 +73,11 @@ bench: install
 	$(PY) -m loadtest.serving $(BENCH_ARGS)
 
 # slimserve at BASE (a git revision) against this checkout, alternately, on the headline cells
-#   make bench-ab BASE=HEAD~3
+#   make bench-ab BASE=HEAD~3            (AFTER=<rev> measures that revision instead of this checkout)
 BASE ?= HEAD
 .PHONY: bench-ab
 bench-ab: install
-	$(PY) -m loadtest.serving.ab --base $(BASE) $(BENCH_ARGS)
+	$(PY) -m loadtest.serving.ab --base $(BASE) $(if $(AFTER),--head $(AFTER)) $(BENCH_ARGS)
 
 # Locust, headless and bounded, against a running server (make serve in another shell):
 #   make loadtest SCENARIO=MixedUser USERS=16 RUN_TIME=30s URL=http://127.0.0.1:3000

@@ -47,19 +47,24 @@ def _rev(checkout: Path, rev: str = "HEAD") -> str:
     return out.stdout.decode().strip() or "?"
 
 
-def run(base: str, opts: Options) -> dict[str, Any]:
+def run(base: str, opts: Options, head: str | None = None) -> dict[str, Any]:
     """Both checkouts, ``opts.repeats`` times each, alternating; returns what results.json
-    holds."""
+    holds. ``head`` (a revision) replaces this checkout as the "after" side."""
     work = Path(tempfile.mkdtemp(prefix="slimserve-ab-"))
-    tree = work / "base"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True)
-    labels = {"before": tree, "after": ROOT}
+    trees = {"before": (work / "base", base)}
+    if head is not None:
+        trees["after"] = (work / "head", head)
+    for tree, rev in trees.values():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True)
+    labels = {"before": trees["before"][0], "after": trees["after"][0] if head else ROOT}
     results: dict[str, list[LoadResult]] = {f"{k}|{c.id}": [] for k in labels for c in CELLS}
     doc: dict[str, Any] = {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "loadavg_start": os.getloadavg(),
-        "before": f"{base} ({_rev(tree)})",
-        "after": f"this checkout ({_rev(ROOT)}{', with changes' if _dirty() else ''})",
+        "before": f"{base} ({_rev(labels['before'])})",
+        "after": f"{head} ({_rev(labels['after'])})"
+        if head
+        else f"this checkout ({_rev(ROOT)}{', with changes' if _dirty() else ''})",
         "repeats": opts.repeats,
         "cell_seconds": opts.cell_seconds,
     }
@@ -75,7 +80,8 @@ def run(base: str, opts: Options) -> dict[str, Any]:
                 run_phase(server, CELLS, opts, results)
     finally:
         stop_live()
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+        for tree, _ in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
         shutil.rmtree(work, ignore_errors=True)
     doc["loadavg_end"] = os.getloadavg()
     doc["cells"] = {c.id: {k: summarise(results[f"{k}|{c.id}"]) for k in labels} for c in CELLS}
@@ -118,6 +124,9 @@ def markdown(doc: dict[str, Any]) -> str:
 @app.command()
 def main(
     base: Annotated[str, typer.Option(help="The git revision to compare against.")],
+    head: Annotated[
+        str | None, typer.Option(help="A revision for the after side [default: this checkout].")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Rounds over both checkouts.")] = 4,
     cell_seconds: Annotated[float, typer.Option(help="Measured seconds per cell.")] = 3.0,
     warmup_seconds: Annotated[float, typer.Option(help="Warm-up seconds per cell.")] = 1.0,
@@ -128,7 +137,7 @@ def main(
     folder = out or ROOT / "loadtest" / "results" / f"{stamp}-ab"
     opts = Options(folder, cell_seconds, warmup_seconds, repeats, False, ROOT, False)
     folder.mkdir(parents=True, exist_ok=True)
-    doc = run(base, opts)
+    doc = run(base, opts, head)
     (folder / "results.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     text = markdown(doc)
     (folder / "results.md").write_text(text)
