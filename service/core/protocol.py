@@ -264,21 +264,21 @@ def _from_json(
     counted first (one comma between neighbours, at any depth), so a tensor whose data does
     not fit its shape is refused before anything is allocated for it."""
     count = math.prod(shape)
-    label = f"{kind} {name[:64]!r}"
     if isinstance(data, msgspec.Raw):
-        raw = memoryview(data)
-        if datatype != "BYTES" and raw[:1] == b"[":
-            got = _count(raw, b",") + 1
-            if got == 1 and not bytes(raw).strip(b"[] \t\r\n"):
-                got = 0
+        if datatype != "BYTES":
+            got = _count_commas(data) + 1
             if got != count:
+                if got == 1 and not bytes(data).strip(b"[] \t\r\n"):
+                    got = 0
                 raise _fail(
-                    f"{label}: shape {list(shape)} needs {count} elements, 'data' has {got}"
+                    f"{kind} {name[:64]!r}: shape {list(shape)} needs {count} elements, "
+                    f"'data' has {got}"
                 )
         try:
-            data = orjson.loads(raw)
+            data = orjson.loads(bytes(data) if len(data) <= _CHUNK else memoryview(data))
         except orjson.JSONDecodeError as exc:  # e.g. 1e999, which no double holds
-            raise _fail(f"{label}: 'data' cannot be read: {exc}") from None
+            raise _fail(f"{kind} {name[:64]!r}: 'data' cannot be read: {exc}") from None
+    label = f"{kind} {name[:64]!r}"
     if datatype == "BYTES":
         flat = _flatten(data)
         if len(flat) != count or not all(isinstance(s, str) for s in flat):
@@ -306,9 +306,15 @@ def _from_json(
     return arr.astype(target, copy=False).reshape(shape)
 
 
-def _count(raw: memoryview, byte: bytes, step: int = 1 << 20) -> int:
-    """Occurrences of ``byte`` in ``raw``, a megabyte at a time (no copy of the whole)."""
-    return sum(bytes(raw[i : i + step]).count(byte) for i in range(0, len(raw), step))
+_CHUNK = 1 << 20
+
+
+def _count_commas(raw: msgspec.Raw) -> int:
+    """Commas in raw JSON; a large one counted a megabyte at a time (no copy of the whole)."""
+    if len(raw) <= _CHUNK:
+        return bytes(raw).count(b",")
+    view = memoryview(raw)
+    return sum(bytes(view[i : i + _CHUNK]).count(b",") for i in range(0, len(view), _CHUNK))
 
 
 def _check_integers(arr: np.ndarray, target: np.dtype, label: str, datatype: str) -> None:

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -58,6 +58,12 @@ def _raw_response(status: int, reason: str, message: str, extra: str = "") -> by
         f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
     )
     return head.encode("ascii") + body
+
+
+_on_message_begin = HttpToolsProtocol.on_message_begin
+_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_on_message_complete = HttpToolsProtocol.on_message_complete
+_on_response_complete = HttpToolsProtocol.on_response_complete
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -94,24 +100,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         super().connection_lost(exc)
 
+    # the parser's callbacks, once per request: two timestamps, the parent called directly
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        _on_message_begin(self)
         self._phase, self._since = _HEADERS, self.loop.time()
 
     def on_headers_complete(self) -> None:
         self._phase, self._since = _BODY, self.loop.time()
-        super().on_headers_complete()
+        _on_headers_complete(self)
         cycle = self.cycle
-        extensions = cast(dict[str, Any], self.scope.setdefault("extensions", {}))
-        extensions[CLIENT_GONE] = lambda: cycle.disconnected
+        self.scope["extensions"] = {CLIENT_GONE: lambda: cycle.disconnected}  # type: ignore[dict-item]
 
     def on_message_complete(self) -> None:
         self._phase = _BUSY
-        super().on_message_complete()
+        _on_message_complete(self)
 
     def on_response_complete(self) -> None:
         self._phase = _IDLE  # uvicorn's keep-alive timeout takes over
-        super().on_response_complete()
+        _on_response_complete(self)
 
     # ------------------------------------------------------------------ the sweep
 
