@@ -227,6 +227,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _dimensions(shape: list[Any]) -> bool:
+    """Every dimension an integer >= 0 (not a bool)."""
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return False
+    return True
+
+
 def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[int, ...], str]:
     """Name, shape and datatype of a tensor; sizes bounded before anything is allocated."""
     name = raw.name
@@ -234,7 +242,7 @@ def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[in
         raise _fail(f"{kind}s[{i}]: expected a non-empty string 'name'")
     shape = raw.shape
     label = f"{kind} {name[:64]!r}"
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not _dimensions(shape):
         raise _fail(
             f"{label}: expected 'shape' to be a list of integers >= 0, got {str(shape)[:64]}"
         )

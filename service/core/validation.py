@@ -56,15 +56,21 @@ class Expected:
 
 
 def check_tensor(spec: TensorSpec, shape: Sequence[int], datatype: str, model: str) -> None:
-    """One input's datatype and shape against the model's spec."""
+    """One input's datatype and shape against the model's spec (on every request: plain
+    loops, no generators)."""
     if datatype != spec.datatype:
         raise InvalidInput(
             f"input '{spec.name}' of model '{model}': expected datatype {spec.datatype}, "
             f"got {datatype}"
         )
-    if len(shape) != len(spec.shape) or any(
-        d != -1 and d != a for d, a in zip(spec.shape, shape, strict=False)
-    ):
+    dims = spec.shape
+    fits = len(shape) == len(dims)
+    if fits:
+        for d, a in zip(dims, shape, strict=True):
+            if d != -1 and d != a:
+                fits = False
+                break
+    if not fits:
         raise InvalidInput(
             f"input '{spec.name}' of model '{model}': expected shape {list(spec.shape)}, "
             f"got {list(shape)}"
