@@ -23,7 +23,9 @@ help:
 	@echo "make loadtest Locust against a running server (SCENARIO, USERS, RUN_TIME, URL)"
 	@echo "make batch    score a 10,000-row sample file with python -m service.batch (BATCH_ARGS)"
 	@echo "make bench-batch  batch job vs in-process onnxruntime on 1,000,000 rows (about 3 min)"
-	@echo "make lint     ruff"
+	@echo "make bench-overload   slimserve offered 4x its capacity (about 1 min)"
+	@echo "make soak     mixed traffic for SOAK_MINUTES (5), memory and descriptors over time"
+	@echo "make lint     ruff, ruff format --check, mypy"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +80,19 @@ BASE ?= HEAD
 .PHONY: bench-ab
 bench-ab: install
 	$(PY) -m loadtest.serving.ab --base $(BASE) $(if $(AFTER),--head $(AFTER)) $(BENCH_ARGS)
+
+# Overload: capacity, then an open-loop 4x overload of a heavy model (about 1 min); goodput,
+# refusals and accepted latency in loadtest/results/<UTC time>-overload/
+.PHONY: bench-overload soak
+# One intra-op thread: the load generator needs the other core, or the ratio measures the machine.
+bench-overload: install
+	SLIMSERVE_INTRA_OP_THREADS=1 $(PY) -m loadtest.serving.overload $(BENCH_ARGS)
+
+# Soak: mixed traffic (good, bad, abandoned) for SOAK_MINUTES; the worker's RSS and descriptors
+# over time in loadtest/results/<UTC time>-soak/. Not part of make test.
+SOAK_MINUTES ?= 5
+soak: install
+	$(PY) -m loadtest.serving.soak --minutes $(SOAK_MINUTES) $(BENCH_ARGS)
 
 # Locust, headless and bounded, against a running server (make serve in another shell):
 #   make loadtest SCENARIO=MixedUser USERS=16 RUN_TIME=30s URL=http://127.0.0.1:3000

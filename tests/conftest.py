@@ -26,8 +26,13 @@ def write_identity_onnx(path: Path, width: int = 4) -> None:
 
 
 def publish_identity(repo: ModelRepository, name: str, width: int = 4):
+    return _publish(repo, name, width, write_identity_onnx)
+
+
+def _publish(repo: ModelRepository, name: str, width: int, write) -> object:
+    """``write(path, width)`` a graph x [batch, width] -> y [batch, width], and publish it."""
     staging = repo.staging_dir(name)
-    write_identity_onnx(staging / "model.onnx", width)
+    write(staging / "model.onnx", width)
     manifest = Manifest(
         name=name,
         version=0,
@@ -128,13 +133,18 @@ def write_slow_onnx(path: Path, width: int = 2048, layers: int = 24) -> None:
 
 
 def publish_slow(repo: ModelRepository, name: str = "slow", width: int = 2048):
-    staging = repo.staging_dir(name)
-    write_slow_onnx(staging / "model.onnx", width)
-    manifest = Manifest(
-        name=name,
-        version=0,
-        task="unknown",
-        inputs=[TensorSpec("x", "FP32", (-1, width))],
-        outputs=[TensorSpec("y", "FP32", (-1, width))],
-    )
-    return repo.publish(staging, manifest)
+    return _publish(repo, name, width, write_slow_onnx)
+
+
+def asgi_post(app, path: str, **kwargs):
+    """POST to an ASGI app in-process (httpx), e.g. ``service.http.app.HttpApp``."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post(path, **kwargs)
+
+    return asyncio.run(go())

@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 
 from loadtest.serving.cells import BINARY_CELL, Cell, Options, run_phase, summarise
 from loadtest.serving.load import LoadResult
+from loadtest.serving.report import results_folder, save
 from loadtest.serving.servers import (
     CNN,
     MLP,
@@ -133,16 +133,10 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
 ) -> None:
     """Run slimserve at BASE and in this checkout, alternately; write results.json/.md."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = out or ROOT / "loadtest" / "results" / f"{stamp}-ab"
+    folder = results_folder(out, "ab")
     opts = Options(folder, cell_seconds, warmup_seconds, repeats, False, ROOT, False)
-    folder.mkdir(parents=True, exist_ok=True)
     doc = run(base, opts, head)
-    (folder / "results.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    text = markdown(doc)
-    (folder / "results.md").write_text(text)
-    print(text)
-    print(f"results in {folder}")
+    save(folder, doc, markdown(doc))
 
 
 if __name__ == "__main__":

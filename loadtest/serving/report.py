@@ -259,3 +259,25 @@ def write(doc: dict[str, Any], out: Path) -> None:
         orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
     )
     (out / "results.md").write_text(markdown(doc))
+
+
+def results_folder(out: Path | None, suffix: str) -> Path:
+    """``out``, or ``loadtest/results/<UTC time>-<suffix>``; created."""
+    from datetime import UTC, datetime
+
+    from loadtest.serving.servers import ROOT
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder = out or ROOT / "loadtest" / "results" / f"{stamp}-{suffix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save(folder: Path, doc: dict[str, Any], text: str) -> None:
+    """``results.json`` and ``results.md`` (``text``) into ``folder``; the text printed."""
+    (folder / "results.json").write_bytes(
+        orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    )
+    (folder / "results.md").write_text(text)
+    print(text)
+    print(f"results in {folder}")

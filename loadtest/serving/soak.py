@@ -30,10 +30,10 @@ import orjson
 import psutil
 import typer
 
+from loadtest.serving.report import results_folder, save
 from loadtest.serving.servers import (
     CNN,
     MLP,
-    ROOT,
     ServerProcess,
     build_repository,
     mlp_inputs,
@@ -64,7 +64,9 @@ _HEADER = orjson.dumps(
         "parameters": {"binary_data_output": True},
     }
 )
-_ROWS = orjson.dumps({"model": CNN, "rows": _DIGITS[:4].reshape(4, -1)}, option=orjson.OPT_SERIALIZE_NUMPY)
+_ROWS = orjson.dumps(
+    {"model": CNN, "rows": _DIGITS[:4].reshape(4, -1)}, option=orjson.OPT_SERIALIZE_NUMPY
+)
 _JSON = {"Content-Type": "application/json"}
 
 #: (weight, name, method, path, body, headers): what one request of the mix is
@@ -82,10 +84,24 @@ MIX: list[tuple[int, str, str, str, bytes, dict[str, str]]] = [
     (10, "classify", "POST", "/classify", _ROWS, _JSON),
     (5, "metadata", "GET", f"/v2/models/{CNN}", b"", {}),
     (8, "bad-json", "POST", f"/v2/models/{CNN}/infer", b'{"inputs": [{"name": ', _JSON),
-    (5, "bad-shape", "POST", f"/v2/models/{CNN}/infer", _CNN.replace(b"[1,1,8,8]", b"[2,32]"), _JSON),
+    (
+        5,
+        "bad-shape",
+        "POST",
+        f"/v2/models/{CNN}/infer",
+        _CNN.replace(b"[1,1,8,8]", b"[2,32]"),
+        _JSON,
+    ),
     (5, "unknown-model", "POST", "/v2/models/{rand}/infer", _CNN, _JSON),
     (4, "unknown-path", "GET", "/{rand}/x", b"", {}),
-    (3, "hang-up", "POST", f"/v2/models/{MLP}/infer", _HEADER + _X.tobytes(), {}),
+    (
+        3,
+        "hang-up",
+        "POST",
+        f"/v2/models/{MLP}/infer",
+        _HEADER + _X.tobytes(),
+        {"Inference-Header-Content-Length": str(len(_HEADER))},
+    ),
 ]
 
 
@@ -142,7 +158,9 @@ async def _load(
     return statuses, samples
 
 
-def run(out: Path, minutes: float, warmup_minutes: float, clients: int, sample_s: float) -> dict[str, Any]:
+def run(
+    out: Path, minutes: float, warmup_minutes: float, clients: int, sample_s: float
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="slimserve-soak-"))
     doc: dict[str, Any] = {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -178,8 +196,11 @@ def run(out: Path, minutes: float, warmup_minutes: float, clients: int, sample_s
         rss_max_mib=round(max(s["rss_mib"] for s in after_warmup), 1),
         fds=(first["fds"], last["fds"], max(s["fds"] for s in after_warmup)),
         threads=(first["threads"], last["threads"]),
-        server_errors=sum(n for k, n in statuses.items() if k.split()[-1].startswith("5")
-                          and not k.endswith(" 503")),
+        server_errors=sum(
+            n
+            for k, n in statuses.items()
+            if k.split()[-1].startswith("5") and not k.endswith(" 503")
+        ),
         loadavg_end=os.getloadavg(),
     )
     return doc
@@ -188,21 +209,23 @@ def run(out: Path, minutes: float, warmup_minutes: float, clients: int, sample_s
 def markdown(doc: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in doc["loadavg_start"])
     rows = "\n".join(f"| {k} | {n:,} |" for k, n in doc["statuses"].items())
-    return f"""# slimserve soak ({doc['started_utc']})
+    rss = f"{doc['rss_after_warmup_mib']} / {doc['rss_end_mib']} / {doc['rss_max_mib']}"
+    growth = f"{doc['rss_growth_mib']} MiB ({doc['rss_growth_mib_per_hour']} MiB per hour)"
+    return f"""# slimserve soak ({doc["started_utc"]})
 
-{doc['minutes']:g} minutes of mixed traffic from {doc['clients']} closed-loop clients on 2 cores
-(shared with the client), load average {load} at start; figures after a {doc['warmup_minutes']:g}
-minute warm-up. Mix (weights): {doc['mix']}.
+{doc["minutes"]:g} minutes of mixed traffic from {doc["clients"]} closed-loop clients on 2 cores
+(shared with the client), load average {load} at start; figures after a {doc["warmup_minutes"]:g}
+minute warm-up. Mix (weights): {doc["mix"]}.
 
 | figure | value |
 |---|--:|
-| requests | {doc['requests']:,} |
-| worker RSS after warm-up / at the end / max | {doc['rss_after_warmup_mib']} / {doc['rss_end_mib']} / {doc['rss_max_mib']} MiB |
-| RSS growth after warm-up | {doc['rss_growth_mib']} MiB ({doc['rss_growth_mib_per_hour']} MiB per hour) |
-| open descriptors after warm-up / end / max | {doc['fds'][0]} / {doc['fds'][1]} / {doc['fds'][2]} |
-| threads after warm-up / end | {doc['threads'][0]} / {doc['threads'][1]} |
-| 5xx other than 503 | {doc['server_errors']} |
-| server log | {doc['log_bytes']:,} bytes |
+| requests | {doc["requests"]:,} |
+| worker RSS after warm-up / at the end / max | {rss} MiB |
+| RSS growth after warm-up | {growth} |
+| open descriptors after warm-up / end / max | {doc["fds"][0]} / {doc["fds"][1]} / {doc["fds"][2]} |
+| threads after warm-up / end | {doc["threads"][0]} / {doc["threads"][1]} |
+| 5xx other than 503 | {doc["server_errors"]} |
+| server log | {doc["log_bytes"]:,} bytes |
 
 | request, answer | count |
 |---|--:|
@@ -219,15 +242,9 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
 ) -> None:
     """Mixed traffic for MINUTES; the worker's memory and descriptors over time."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = out or ROOT / "loadtest" / "results" / f"{stamp}-soak"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = results_folder(out, "soak")
     doc = run(folder, minutes, warmup_minutes, clients, sample_s)
-    (folder / "results.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    text = markdown(doc)
-    (folder / "results.md").write_text(text)
-    print(text)
-    print(f"results in {folder}")
+    save(folder, doc, markdown(doc))
     if doc["server_left_behind"] or doc["server_errors"]:
         raise typer.Exit(1)
 

@@ -21,7 +21,7 @@ from ..serving.dataplane import DataPlane
 from ..serving.metrics import metrics
 from ..serving.tracing import TRACE_ID_HEADER, Call
 from . import friendly
-from .asgi import JSON, ClientGone, Receive, Scope, Send, respond
+from .asgi import CLIENT_GONE, JSON, ClientGone, Receive, Scope, Send, respond
 from .openapi import examples_from, openapi_document
 from .v2 import V2App
 
@@ -31,14 +31,13 @@ log = logging.getLogger("slimserve.http")
 
 #: the paths (besides /v2/...) served here rather than by BentoML
 LEAN_PATHS = frozenset([*friendly.ROUTES, "/docs.json"])
-_CLIENT_GONE = "slimserve.client_gone"  # the ASGI scope extension of service.server
 
 
 def client_gone(scope: Scope) -> Callable[[], bool] | None:
     """Whether the request's client hung up, where the server can tell (slimserve's own
     worker sets a scope extension for it); None elsewhere."""
     extensions = scope.get("extensions")
-    return extensions.get(_CLIENT_GONE) if extensions else None
+    return extensions.get(CLIENT_GONE) if extensions else None
 
 
 class HttpApp:

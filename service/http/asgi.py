@@ -13,6 +13,7 @@ from ..core.errors import PayloadTooLarge, ServingError
 from ..core.protocol import dumps
 
 __all__ = [
+    "CLIENT_GONE",
     "JSON",
     "Receive",
     "Send",
@@ -25,6 +26,10 @@ __all__ = [
 ]
 
 JSON = {"content-type": "application/json"}
+
+#: the ASGI scope extension through which slimserve's own HTTP protocol tells a request's
+#: handler whether its client hung up (a zero-argument call; service/server/connections.py)
+CLIENT_GONE = "slimserve.client_gone"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

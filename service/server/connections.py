@@ -30,14 +30,12 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.logs import RejectionLog
+from ..http.asgi import CLIENT_GONE
 
-__all__ = ["ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol", "CLIENT_GONE"]
+__all__ = ["ConnectionLimits", "GuardedHttpProtocol", "guarded_protocol"]
 
 log = logging.getLogger("slimserve.connections")
 
-#: the ASGI scope extension that tells whether a request's client hung up (a zero-argument
-#: call); :func:`service.http.app.client_gone` reads it
-CLIENT_GONE = "slimserve.client_gone"
 # connection phases the sweep looks at
 _IDLE, _HEADERS, _BODY, _BUSY = 0, 1, 2, 3
 _SWEEP_S = 1.0

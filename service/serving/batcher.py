@@ -154,6 +154,12 @@ class DynamicBatcher:
         )
         return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
+    def check_room(self, timeout_s: float) -> None:
+        """Refuse a request before it is even read and decoded when the queue could not take
+        a single sample now (full, or already longer than the deadline): under overload the
+        server then spends almost nothing on what it sheds."""
+        self._admit(1, timeout_s)
+
     def _admit(self, samples: int, remaining_s: float) -> None:
         if self._queued_samples + samples > self.max_queue_size:
             raise Overloaded(

@@ -110,6 +110,8 @@ class DataPlane:
         try:
             model = self.store.resolve(name, version)
             labels = model.labels
+            assert model.batcher is not None  # resolve() returns ready models
+            model.batcher.check_room(self.settings.request_timeout_s)  # shed before decoding
             with _in_flight(m, labels):
                 request = await decode(model)
                 asked = request.parameters.get("variant")

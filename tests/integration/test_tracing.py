@@ -4,10 +4,8 @@ queue wait and onnxruntime run as children, the trace id back in a header and in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -17,6 +15,7 @@ from service.http.app import HttpApp
 from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 from service.serving.tracing import make_tracer
+from tests.conftest import asgi_post
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
@@ -32,13 +31,7 @@ def traced(tiny_repo: ModelRepository):
     return HttpApp(DataPlane(store, make_tracer(settings, exporter)), dict), exporter
 
 
-def _post(app: HttpApp, path: str, **kwargs) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.post(path, **kwargs)
-
-    return asyncio.run(go())
+_post = asgi_post
 
 
 def test_a_request_is_a_span_with_its_queue_wait_and_run(traced) -> None:

@@ -78,14 +78,14 @@ def test_a_bad_serving_value_marks_only_that_model_not_ready(
 
 def test_a_corrupt_variant_file_takes_down_that_variant_only(tiny_repo: ModelRepository) -> None:
     """Each variant's file is checked on its own: the model keeps serving its others."""
-    from service.core.repository import Variant
+    from service.core.repository import Manifest, Variant
     from tests.conftest import write_identity_onnx
 
     staging = tiny_repo.staging_dir("gamma")
     write_identity_onnx(staging / "model.onnx")
     write_identity_onnx(staging / "model.int8-dynamic.onnx")
     write_identity_onnx(staging / "model.pruned.onnx")
-    manifest = publish_identity.__globals__["Manifest"](
+    manifest = Manifest(
         name="gamma",
         version=0,
         task="unknown",
