@@ -220,3 +220,30 @@ def test_the_deadline_estimate_is_the_model_time_not_the_event_loop_lag() -> Non
 
     per_sample = asyncio.run(main())
     assert per_sample < 0.005  # about 1 ms / 4 samples, far from the 50 ms of lag
+
+
+def test_a_full_queue_is_refused_before_the_request_is_read() -> None:
+    """check_room answers for a request whose size is not known yet (before its body is
+    decoded): under overload, what is shed costs no decoding."""
+    gate = threading.Event()
+
+    def blocked(feeds):
+        gate.wait(5)
+        return [feeds["x"]]
+
+    batcher = DynamicBatcher(blocked, "m", max_batch_size=4, max_queue_size=8)
+
+    async def main():
+        x = np.ones((4, 1), np.float32)
+        batcher.check_room(10.0)  # empty: room
+        running = [asyncio.ensure_future(batcher.infer({"x": x}, 4, 10.0))]
+        await asyncio.sleep(0.05)  # the first batch runs
+        running += [asyncio.ensure_future(batcher.infer({"x": x}, 4, 10.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)  # 8 samples wait: full
+        with pytest.raises(Overloaded, match="queue full"):
+            batcher.check_room(10.0)
+        gate.set()
+        await asyncio.gather(*running)
+        batcher.check_room(10.0)  # drained: room again
+
+    asyncio.run(main())
