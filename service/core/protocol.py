@@ -77,14 +77,26 @@ MAX_ELEMENTS = 2**31 - 1
 
 
 class _Tensor(msgspec.Struct):
-    """An input as it comes: fields checked by hand (for messages in the project's words),
-    ``data`` kept as raw JSON until the header has been checked against the model."""
+    """An input as it comes in a large body: fields checked by hand (for messages in the
+    project's words), ``data`` kept as raw JSON until the header has been checked against
+    the model."""
 
     name: Any = None
     shape: Any = None
     datatype: Any = None
     parameters: Any = None
     data: msgspec.Raw = msgspec.Raw()
+
+
+class _SmallTensor(msgspec.Struct):
+    """The same in a small body (up to :data:`SMALL_BODY`): ``data`` parsed in the same pass,
+    since a few kilobytes cost little whatever they hold, and parsing twice would."""
+
+    name: Any = None
+    shape: Any = None
+    datatype: Any = None
+    parameters: Any = None
+    data: Any = msgspec.UNSET
 
 
 class _Output(msgspec.Struct):
@@ -99,7 +111,18 @@ class _Request(msgspec.Struct):
     outputs: list[_Output] | None = None
 
 
+class _SmallRequest(msgspec.Struct):
+    inputs: list[_SmallTensor] | None = None
+    id: Any = None
+    parameters: Any = None
+    outputs: list[_Output] | None = None
+
+
+#: bodies up to this many bytes are parsed in one pass; larger ones keep their data raw until
+#: it is checked (memory: a small body's Python objects are at most a few hundred kilobytes)
+SMALL_BODY = 64 * 1024
 _DECODER = msgspec.json.Decoder(_Request)
+_SMALL_DECODER = msgspec.json.Decoder(_SmallRequest)
 
 
 def _header_length(value: str | None, body_len: int) -> int | None:
@@ -152,8 +175,9 @@ def decode_request(
     n = _header_length(header_length, len(body))
     view = memoryview(body)
     header, binary = (view[:n], view[n:]) if n is not None else (view, memoryview(b""))
+    decoder = _SMALL_DECODER if len(header) <= SMALL_BODY else _DECODER
     try:
-        doc = _DECODER.decode(header)
+        doc = decoder.decode(header)
     except msgspec.ValidationError as exc:
         raise _fail(f"request body {_where(exc)}") from None
     except msgspec.DecodeError as exc:
@@ -182,7 +206,7 @@ def decode_request(
                 )
             inputs[name] = _from_binary(binary[offset : offset + size], name, shape, datatype)
             offset += size
-        elif raw.data:
+        elif _has_data(raw.data):
             inputs[name] = _from_json(raw.data, name, shape, datatype)
         else:
             raise _fail(f"input {name[:64]!r}: expected 'data' or parameters.binary_data_size")
@@ -197,6 +221,11 @@ def decode_request(
         outputs=_requested_outputs(doc.outputs),
         binary_output=bool(params.get("binary_data_output", False)),
     )
+
+
+def _has_data(data: Any) -> bool:
+    """Whether a tensor carried ``data`` (an empty Raw or UNSET: the field was absent)."""
+    return data is not msgspec.UNSET and not (isinstance(data, msgspec.Raw) and not data)
 
 
 def _expect(expected: Expected, name: str, shape: tuple[int, ...], datatype: str) -> None:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.core.errors import InvalidInput, PayloadTooLarge
-from service.core.protocol import Expected, decode_request, validate_inputs
+from service.core.protocol import SMALL_BODY, Expected, decode_request, validate_inputs
 from service.core.repository import TensorSpec
 
 SPECS = [TensorSpec("pixels", "FP32", (-1, 1, 8, 8))]
@@ -161,8 +161,11 @@ def test_the_probes_500s_are_400s_now(doc, message) -> None:
 
 def test_a_number_no_double_holds_is_a_400() -> None:
     body = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1e999]}]}'
+    with pytest.raises(InvalidInput, match=r"at \$\.inputs\[0\]\.data\[0\]: number out of range"):
+        decode_request(body)  # a small body: parsed in one pass
+    padding = b" " * (SMALL_BODY + 1)  # a large one: its data is read after the header check
     with pytest.raises(InvalidInput, match="input 'x': 'data' cannot be read"):
-        decode_request(body)
+        decode_request(body[:-1] + padding + b"}")
 
 
 def test_binary_shapes_whose_byte_count_overflows_are_400() -> None:
