@@ -175,7 +175,7 @@ def decode_request(
     n = _header_length(header_length, len(body))
     view = memoryview(body)
     header, binary = (view[:n], view[n:]) if n is not None else (view, memoryview(b""))
-    decoder = _SMALL_DECODER if len(header) <= SMALL_BODY else _DECODER
+    decoder: msgspec.json.Decoder[Any] = _SMALL_DECODER if len(header) <= SMALL_BODY else _DECODER
     try:
         doc = decoder.decode(header)
     except msgspec.ValidationError as exc:
