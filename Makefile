@@ -88,6 +88,11 @@ bench-ab: install
 bench-overload: install
 	SLIMSERVE_INTRA_OP_THREADS=1 $(PY) -m loadtest.serving.overload $(BENCH_ARGS)
 
+# What a shadow costs the caller: cells with and without a shadow on digits-cnn@int8-static
+.PHONY: bench-shadow
+bench-shadow: install
+	$(PY) -m loadtest.serving.shadow $(BENCH_ARGS)
+
 # Soak: mixed traffic (good, bad, abandoned) for SOAK_MINUTES; the worker's RSS and descriptors
 # over time in loadtest/results/<UTC time>-soak/. Not part of make test.
 SOAK_MINUTES ?= 5

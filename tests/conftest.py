@@ -148,3 +148,35 @@ def asgi_post(app, path: str, **kwargs):
             return await client.post(path, **kwargs)
 
     return asyncio.run(go())
+
+
+def write_scale_onnx(path: Path, width: int = 4, factor: float = 2.0) -> None:
+    """y = factor * x, dynamic batch: a model whose versions answer differently (the factor
+    a vector of ``width``, so the file grows with the width)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    k = numpy_helper.from_array(np.full(width, factor, dtype=np.float32), "k")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])], "scale", [x], [y], initializer=[k]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def publish_scale(repo: ModelRepository, name: str, factor: float, width: int = 4, **manifest):
+    """The next version of ``name``: y = factor * x (``manifest`` fields added, e.g. serving)."""
+    staging = repo.staging_dir(name)
+    write_scale_onnx(staging / "model.onnx", width, factor)
+    spec = Manifest(
+        name=name,
+        version=0,
+        task="unknown",
+        inputs=[TensorSpec("x", "FP32", (-1, width))],
+        outputs=[TensorSpec("y", "FP32", (-1, width))],
+        **manifest,
+    )
+    return repo.publish(staging, spec)

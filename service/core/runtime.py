@@ -104,7 +104,13 @@ def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], 
 
 
 class OrtSession:
-    """One onnxruntime session over one ONNX file, on the first provider that works."""
+    """One onnxruntime session over one ONNX file, on the first provider that works.
+
+    ``OrtSession.open_count`` counts the sessions created and not yet closed, in this process:
+    what unloading frees can be checked (a leaked session is a leaked model in memory).
+    """
+
+    open_count = 0
 
     def __init__(self, path: Path, label: str, options: RuntimeOptions | None = None) -> None:
         self.path = Path(path)
@@ -121,6 +127,8 @@ class OrtSession:
         except KeyError as exc:  # a sequence, map or BF16 tensor: nothing a v2 request carries
             raise ModelLoadError(f"{self.path}: {exc.args[0]}") from None
         self.output_names = [o.name for o in self.outputs]
+        OrtSession.open_count += 1
+        self.closed = False
         log.info(
             "model %s: onnxruntime %s on %s (loaded in %.0f ms)",
             label,
@@ -144,6 +152,13 @@ class OrtSession:
                 )
                 return self._open(options, ["CPUExecutionProvider"])
             raise ModelLoadError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
+
+    def close(self) -> None:
+        """Drop the onnxruntime session (its memory goes with the last reference)."""
+        if not self.closed:
+            self.closed = True
+            OrtSession.open_count -= 1
+            del self._session
 
     def run(
         self, feeds: dict[str, np.ndarray], output_names: Sequence[str] | None = None

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .policies import Traffic, VersionPolicy
+
 __all__ = ["Settings", "ModelServing", "get_settings"]
 
 
@@ -98,6 +100,33 @@ class Settings(BaseSettings):
     )
     backlog: int = Field(2048, ge=16, description="The listening socket's accept backlog.")
 
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: the repository is read once at start; explicit: only the "
+        "repository API loads and unloads; poll: the repository is also watched.",
+    )
+    repository_poll_s: float = Field(
+        2.0, gt=0.0, description="How often poll mode looks at the repository."
+    )
+    startup_models: list[str] = Field(
+        ["*"],
+        description="explicit mode: the models loaded at start ('*': every one).",
+    )
+    memory_budget_mb: float = Field(
+        0.0,
+        ge=0.0,
+        description="Most MiB of model files loaded at once; past it the least recently used "
+        "idle models are evicted and loaded again on their next request. 0: no budget.",
+    )
+    shadow_max_pending: int = Field(
+        64, ge=1, description="Shadow requests waiting at most; more are dropped (counted)."
+    )
+    runtime_dir: Path | None = Field(
+        None,
+        description="The server's private folder (set by the supervisor): workers share the "
+        "repository API's load/unload/traffic state through it.",
+    )
+
     # OpenTelemetry: the SDK's own variables (no SLIMSERVE_ prefix); tracing is off unless
     # they ask for an exporter or name an OTLP endpoint
     otel_traces_exporter: str | None = Field(
@@ -145,6 +174,10 @@ class ModelServing(BaseModel):
         None, ge=0.0, description="Overrides max_queue_delay_ms."
     )
     max_queue_size: int | None = Field(None, ge=1, description="Overrides max_queue_size.")
+    version_policy: VersionPolicy | None = Field(
+        None, description="Which versions serve (Triton's shape); default: the newest one."
+    )
+    traffic: Traffic | None = Field(None, description="Canary and shadow traffic.")
 
     @classmethod
     def parse(cls, raw: object, model: str) -> ModelServing:

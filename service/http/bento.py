@@ -20,6 +20,7 @@ from ..core.errors import ModelNotReady, ServingError
 from ..core.repository import ModelRepository
 from ..core.settings import get_settings
 from ..serving.dataplane import DataPlane
+from ..serving.lifecycle import Lifecycle
 from ..serving.store import ModelStore
 from ..serving.tracing import make_tracer
 from . import friendly
@@ -75,13 +76,20 @@ class SlimServe:
         # the worker built its ASGI app before creating this instance: /v2 must be routed
         require_live("slimserve")
         store = ModelStore(ModelRepository(_settings.model_repository), _settings)
-        store.load_all()
-        self.dataplane = DataPlane(store, make_tracer(_settings))
+        lifecycle = Lifecycle(store, _settings)
+        lifecycle.start_blocking()  # the start-up load, before the first request
+        self.dataplane = DataPlane(store, make_tracer(_settings), lifecycle)
         # BentoML's document of the service (the decorator made SlimServe a bentoml Service)
         self.http = HttpApp(self.dataplane, lambda: cast(Any, SlimServe).openapi_spec.asdict())
         # the loaded graphs and sessions live as long as the worker: keep them out of the
         # cyclic GC's full collections (measured: 100-230 ms pauses otherwise)
         gc.freeze()
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        """The repository watcher (poll mode) and the shared-state watcher, on the worker's
+        event loop."""
+        self.dataplane.lifecycle.ensure_tasks()
 
     @bentoml.on_shutdown
     async def close(self) -> None:

@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel
 
 from ..core.datatypes import V2_TO_NUMPY
+from ..core.policies import Traffic
 from ..serving.store import LoadedModel
 
 __all__ = ["openapi_document", "V2_PATHS", "Examples", "examples_from"]
@@ -107,6 +108,51 @@ _MODEL = {"name": "model_name", "in": "path", "required": True, "schema": {"type
 _VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _openapi30(schema: Any) -> Any:
+    """pydantic's JSON Schema in OpenAPI 3.0's dialect: ``anyOf [X, null]`` becomes
+    ``X`` with ``nullable`` (3.0 has no null type)."""
+    if isinstance(schema, list):
+        return [_openapi30(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: _openapi30(v) for k, v in schema.items()}
+    options = schema.get("anyOf")
+    if isinstance(options, list) and {"type": "null"} in options:
+        rest = [o for o in options if o != {"type": "null"}]
+        schema.pop("anyOf")
+        if len(rest) == 1 and "$ref" in rest[0]:
+            schema["allOf"] = rest
+        elif len(rest) == 1:
+            schema.update(rest[0])
+        else:
+            schema["anyOf"] = rest
+        schema["nullable"] = True
+    return schema
+
+
+def _control(summary: str) -> dict[str, Any]:
+    """A repository control route (Triton's extension): POST, an optional JSON body."""
+    return {
+        "post": {
+            "tags": ["v2"],
+            "summary": summary,
+            "parameters": [_MODEL],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"parameters": {"type": "object"}},
+                        }
+                    }
+                },
+            },
+            "responses": {"200": _json({"type": "object"}, "Done."), **_ERRORS},
+        }
+    }
+
+
 def _get(summary: str, ok: dict[str, Any], params: list[dict[str, Any]] | None = None) -> Any:
     op: dict[str, Any] = {"tags": ["v2"], "summary": summary, "responses": {"200": ok, **_ERRORS}}
     if params:
@@ -191,12 +237,54 @@ V2_PATHS: dict[str, Any] = {
     "/v2/repository/index": {
         "post": {
             "tags": ["v2"],
-            "summary": "Every model with its state (READY, UNAVAILABLE) and the reason",
+            "summary": "Every model and version with its state (READY, LOADING, UNLOADING, "
+            'UNAVAILABLE) and the reason; {"ready": true} lists only ready ones',
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}
+                    }
+                },
+            },
             "responses": {
                 "200": _json({"type": "array", "items": {"type": "object"}}, "The index."),
                 **_ERRORS,
             },
         }
+    },
+    "/v2/repository/models/{model_name}/load": _control("Load the model (or its new version)"),
+    "/v2/repository/models/{model_name}/unload": _control("Unload the model"),
+    "/v2/repository/models/{model_name}/traffic": {
+        "get": {
+            "tags": ["v2"],
+            "summary": "The model's traffic policy (canary and shadow), or null",
+            "parameters": [_MODEL],
+            "responses": {
+                "200": _json({"nullable": True, "type": "object"}, "The policy."),
+                **_ERRORS,
+            },
+        },
+        "post": {
+            "tags": ["v2"],
+            "summary": "Set the model's traffic policy; null goes back to the manifest's",
+            "parameters": [_MODEL],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "allOf": [{"$ref": "#/components/schemas/Traffic"}],
+                            "nullable": True,
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json({"nullable": True, "type": "object"}, "The policy."),
+                **_ERRORS,
+            },
+        },
     },
 }
 
@@ -211,6 +299,9 @@ def openapi_document(
     doc = copy.deepcopy(bentoml_spec)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(copy.deepcopy(_SCHEMAS))
+    traffic = _openapi30(Traffic.model_json_schema(ref_template="#/components/schemas/{model}"))
+    schemas.update(traffic.pop("$defs", {}))
+    schemas["Traffic"] = traffic
     for path, model in friendly.items():
         post = doc.get("paths", {}).get(path, {}).get("post")
         if post is None:

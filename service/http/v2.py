@@ -8,8 +8,14 @@ as :class:`ServingError` for :class:`service.http.app.HttpApp` to answer.
 
 from __future__ import annotations
 
-from ..core.errors import MethodNotAllowed, ModelNotFound
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from ..core.errors import InvalidInput, MethodNotAllowed, ModelNotFound
 from ..core.logs import clip
+from ..core.policies import Traffic
 from ..core.protocol import HEADER_LENGTH, InferRequest, decode_request, dumps, encode_response
 from ..serving.dataplane import DataPlane, Inference
 from ..serving.store import LoadedModel
@@ -19,6 +25,14 @@ from .asgi import JSON, Receive, Scope, Send, read_body, respond
 __all__ = ["V2App"]
 
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+#: the methods of routes that are not GET
+_METHODS = {
+    "infer": "POST",
+    "index": "POST",
+    "load": "POST",
+    "unload": "POST",
+    "traffic": "GET, POST",
+}
 
 
 class V2App:
@@ -35,13 +49,16 @@ class V2App:
         route, name, version = _route(rest)
         if route is None:
             raise ModelNotFound(f"no route for {method} {clip(path, 100)}")
-        allowed = "POST" if route in ("infer", "index") else "GET"
-        if method != allowed:
+        allowed = _METHODS.get(route, "GET")
+        if method not in allowed.split(", "):
             raise MethodNotAllowed(
                 f"{clip(path, 100)} takes {allowed}, got {clip(method, 16)}", allowed
             )
         if route == "infer":
             return await self._infer(name, version, scope, receive, send, call)
+        if route in ("load", "unload", "traffic", "index"):
+            body = await self._repository(route, name, method, scope, receive)
+            return await respond(send, 200, body, JSON)
         if route == "metadata":
             body = dumps(self.dataplane.model_metadata(name, version))
         elif route == "ready":
@@ -49,11 +66,37 @@ class V2App:
             body = dumps({"name": name, "ready": ready})
         elif route == "server":
             body = self.server_metadata
-        elif route == "index":
-            body = dumps(self.dataplane.repository_index())
         else:
             return await self._health(route.removeprefix("health-"), send)
         await respond(send, 200, body, JSON)
+
+    async def _repository(
+        self, route: str, name: str, method: str, scope: Scope, receive: Receive
+    ) -> bytes:
+        """The repository extension (Triton's): index, load, unload; and slimserve's traffic
+        policy of a model (GET it, POST a new one, POST null to go back to the manifest's)."""
+        lifecycle = self.dataplane.lifecycle
+        raw = await read_body(scope, receive, 1 << 20) if method == "POST" else b""
+        doc = _json_object(raw, f"{route} request") if raw.strip() else {}
+        if route == "traffic" and method == "POST":
+            await lifecycle.api_traffic(name, _traffic(doc))
+        elif doc is None:
+            raise InvalidInput(f"{route} request: expected a JSON object, got null")
+        if route == "index" and doc is not None:
+            ready = doc.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInput("index request 'ready': expected a boolean")
+            return dumps(self.dataplane.repository_index(ready))
+        if route == "load":
+            await lifecycle.api_load(name)
+        elif route == "unload":
+            await lifecycle.api_unload(name)
+        entry = self.dataplane.store.entries.get(name)
+        if route == "traffic":
+            if entry is None:
+                raise ModelNotFound(f"model {clip(name, 64)!r} is not in the repository")
+            return dumps(entry.traffic.model_dump() if entry.traffic else None)
+        return b"{}"
 
     async def _health(self, which: str, send: Send) -> None:
         if which == "live":
@@ -83,7 +126,7 @@ class V2App:
 
         def encode(done: Inference) -> tuple[bytes, dict[str, str]]:
             model = done.model
-            return encode_response(
+            body, headers = encode_response(
                 model.name,
                 str(model.version),
                 done.request,
@@ -91,8 +134,12 @@ class V2App:
                 done.values,
                 {"variant": model.variant},
             )
+            headers["x-model-version"] = str(model.version)
+            headers["x-model-variant"] = model.variant
+            return body, headers
 
         body, extra = await self.dataplane.infer(name, version, decode, encode, call)
+        # which version and variant answered (a canary may have): the v2 body says the version
         if call.trace_id is not None:
             extra[TRACE_ID_HEADER] = call.trace_id
         await respond(send, 200, body, extra)
@@ -100,13 +147,17 @@ class V2App:
 
 def _route(rest: list[str]) -> tuple[str | None, str, str | None]:
     """``(route, model, version)`` of the path below ``/v2``; route None when there is none.
-    Routes: server, health-live, health-ready, index, metadata, ready, infer."""
+    Routes: server, health-live, health-ready, index, load, unload, traffic (the repository
+    extension), metadata, ready, infer."""
     if not rest:
         return "server", "", None
     if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
         return f"health-{rest[1]}", "", None
     if rest == ["repository", "index"]:
         return "index", "", None
+    repository = len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[2]
+    if repository and rest[3] in ("load", "unload", "traffic"):
+        return rest[3], rest[2], None
     if len(rest) >= 2 and rest[0] == "models" and rest[1]:
         name, tail = rest[1], rest[2:]
         version = None
@@ -117,3 +168,27 @@ def _route(rest: list[str]) -> tuple[str | None, str, str | None]:
         if tail in (["ready"], ["infer"]):
             return tail[0], name, version
     return None, "", None
+
+
+def _json_object(raw: bytes | bytearray, what: str) -> dict[str, Any] | None:
+    """A request body that is a JSON object, or ``null`` (None)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what}: not valid JSON: {exc}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise InvalidInput(f"{what}: expected a JSON object")
+    return doc
+
+
+def _traffic(doc: dict[str, Any] | None) -> Traffic | None:
+    """A traffic policy from a request body; ``null`` clears it."""
+    if doc is None:
+        return None
+    try:
+        return Traffic.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'traffic'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidInput(f"traffic policy: {clip(problems, 300)}") from None

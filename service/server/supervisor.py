@@ -79,6 +79,7 @@ class Supervisor:
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "SLIMSERVE_RUNTIME_DIR": str(self.runtime),  # the repository API's shared state
             "BENTOML_DO_NOT_TRACK": "true",  # no outbound usage tracking
         }
         try:

@@ -92,6 +92,7 @@ class DynamicBatcher:
         #: so event-loop lag under load does not inflate it), to refuse what cannot meet its
         #: deadline
         self._seconds_per_sample = 0.0
+        self._running = False  # a batch is in onnxruntime now
 
     @property
     def queued_samples(self) -> int:
@@ -254,6 +255,7 @@ class DynamicBatcher:
         else:
             merged = {k: np.concatenate([it.feeds[k] for it in batch]) for k in names}
         samples = sum(it.samples for it in batch)
+        self._running = True
         try:
             outputs, seconds, started = await loop.run_in_executor(
                 self._executor, self._timed, merged
@@ -270,6 +272,8 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(failure)
             return
+        finally:
+            self._running = False
         self.observer.batch(samples, seconds)
         for item in batch:
             if item.trace is not None:
@@ -299,7 +303,16 @@ class DynamicBatcher:
         outputs = self._run(feeds)
         return outputs, time.perf_counter() - start, started
 
-    async def close(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the batching task and the onnxruntime thread (the queue must be empty)."""
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: safe to shut down."""
+        return not self._queue and not self._running
+
+    async def close(self) -> None:
+        self.shutdown()

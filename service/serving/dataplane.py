@@ -33,9 +33,11 @@ from ..core.errors import (
     ServingError,
 )
 from ..core.protocol import InferRequest, RequestedOutput, select_outputs, validate_inputs
+from .lifecycle import Lifecycle
 from .metrics import ServingMetrics, metrics
-from .store import LoadedModel, ModelStore
+from .store import LoadedModel, ModelStore, index
 from .tracing import Call
+from .traffic import Shadows
 
 __all__ = ["DataPlane", "Inference", "Decode", "Encode", "Call", "PLATFORM", "EXTENSIONS"]
 
@@ -64,6 +66,7 @@ class Inference:
     request: InferRequest
     outputs: list[RequestedOutput]
     values: dict[str, np.ndarray]
+    samples: int = 1
 
 
 #: a transport's decoder: the resolved model in, the request's tensors out (a v2 body is read
@@ -83,10 +86,15 @@ def _version() -> str:
 class DataPlane:
     """Server and model metadata, health, the repository index, and inference."""
 
-    def __init__(self, store: ModelStore, tracer: Any = None) -> None:
+    def __init__(
+        self, store: ModelStore, tracer: Any = None, lifecycle: Lifecycle | None = None
+    ) -> None:
         self.store = store
         self.settings = store.settings
         self.tracer = tracer  # an OpenTelemetry tracer, or None: tracing off
+        self.lifecycle = lifecycle or Lifecycle(store, store.settings)
+        timeout = self.settings.request_timeout_s
+        self.shadows = Shadows(store, self.settings.shadow_max_pending, timeout)
 
     # ---------------------------------------------------------------- inference, top to bottom
 
@@ -108,17 +116,20 @@ class DataPlane:
         labels = self.store.labels(name)
         span = self._span(name, call) if self.tracer is not None and call is not None else None
         try:
-            model = self.store.resolve(name, version)
+            model = await self.store.acquire(name, version)  # a canary may take it
             labels = model.labels
-            assert model.batcher is not None  # resolve() returns ready models
+            assert model.batcher is not None  # acquire() returns ready models
             model.batcher.check_room(self.settings.request_timeout_s)  # shed before decoding
             with _in_flight(m, labels):
-                request = await decode(model)
+                with self.store.using(model):  # the version stays open while it is used
+                    request = await decode(model)
                 asked = request.parameters.get("variant")
                 if asked is not None:  # v2 parameter: another variant of the same version
                     model = self.store.resolve(name, version, asked)
                     labels = model.labels
-                answer = encode(await self._run(model, request, call))
+                with self.store.using(model):
+                    done = await self._run(model, request, call)
+                answer = encode(done)
         except ServingError as exc:
             outcome = next((o for t, o in _OUTCOMES if isinstance(exc, t)), "error")
             m.requests.labels(*labels, outcome).inc()
@@ -134,6 +145,7 @@ class DataPlane:
         m.request_duration.labels(*labels).observe(time.perf_counter() - start)
         if span is not None:
             self._end_span(span, call, labels, "success")
+        self.shadows.offer(done.model, done.request.inputs, done.samples, done.values)
         return answer
 
     async def _run(self, model: LoadedModel, request: InferRequest, call: Call | None) -> Inference:
@@ -148,7 +160,7 @@ class DataPlane:
             request.inputs, samples, timeout, gone, timings if self.tracer else None
         )
         return Inference(
-            model, request, wanted, dict(zip(session.output_names, outputs, strict=True))
+            model, request, wanted, dict(zip(session.output_names, outputs, strict=True)), samples
         )
 
     # ---------------------------------------------------------------- tracing (when on)
@@ -198,24 +210,27 @@ class DataPlane:
         return {"name": "slimserve", "version": _version(), "extensions": EXTENSIONS}
 
     def not_ready(self) -> dict[str, str]:
-        """Every model that failed to load, with the reason."""
+        """Every model that does not serve, with the reason."""
         return {n: m.error or "" for n, m in self.store.models.items() if not m.ready}
 
     def server_ready(self) -> bool:
         """Ready while at least one model serves (the others are reported with reasons)."""
-        return len(self.not_ready()) < len(self.store.models)
+        return any(e.primary() is not None for e in self.store.entries.values())
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.store.resolve(name, version).ready
 
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """v2 model metadata, plus which variant this is, the others, and the compression card."""
+        """v2 model metadata, plus which variant this is, the others with their offline
+        figures, the versions serving, the traffic policy with the shadow's live agreement,
+        and the compression card."""
         model = self.store.resolve(name, version)
         assert model.session is not None and model.manifest is not None
         manifest = model.manifest
+        entry = self.store.entries[model.name]
         variants = {}
-        for variant, entry in manifest.variants.items():
-            measured = entry.details.get("measurement") or {}
+        for variant, spec in manifest.variants.items():
+            measured = spec.details.get("measurement") or {}
             variants[variant] = {
                 "served": variant in model.siblings,
                 "reason": model.unservable.get(variant),
@@ -224,35 +239,34 @@ class DataPlane:
                 "size_bytes": measured.get("size_bytes"),
                 "parameters": measured.get("parameters"),
             }
+        shadow = self.shadows.stats.get(model.name)
         return {
             "name": model.name,
-            "versions": [str(model.version)],
+            "versions": [str(v) for v in entry.serving],
             "platform": PLATFORM,
             "inputs": [t.to_dict() for t in model.session.inputs],
             "outputs": [t.to_dict() for t in model.session.outputs],
             "parameters": {
+                "version": str(model.version),
                 "variant": model.variant,
                 "default_variant": manifest.default_variant,
                 "provider": model.session.provider,
                 "variants": variants,
                 "selection": manifest.selection.get("reason"),
+                "version_policy": entry.policy.describe(),
+                "traffic": entry.traffic.model_dump() if entry.traffic else None,
+                "shadow": shadow.as_dict() if shadow is not None else None,
                 "card": model.card,
             },
         }
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        """The repository extension's index: every model, its state and the reason."""
-        return [
-            {
-                "name": m.name,
-                "version": str(m.version),
-                "state": "READY" if m.ready else "UNAVAILABLE",
-                "reason": m.error or "",
-            }
-            for m in self.store.models.values()
-        ]
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """The repository extension's index (see :func:`service.serving.store.index`)."""
+        return index(self.store, ready_only)
 
     async def close(self) -> None:
+        await self.shadows.close()
+        await self.lifecycle.close()
         await self.store.close()
 
 

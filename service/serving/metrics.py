@@ -94,6 +94,11 @@ class ServingMetrics:
             _LABELS,
             multiprocess_mode="max",
         )
+        self._http_and_models()
+        self._shadows()
+
+    def _http_and_models(self) -> None:
+        """What the HTTP front refused, and the models' lifecycle."""
         self.http_errors = Counter(
             "slimserve_http_errors_total",
             "Error answers of the lean HTTP app by endpoint (v2, classify, regress, transform, "
@@ -105,12 +110,45 @@ class ServingMetrics:
             "HTTP connections refused at once because the worker had SLIMSERVE_MAX_CONNECTIONS "
             "open.",
         )
+        self.model_loads = Counter(
+            "slimserve_model_loads_total",
+            "Model versions loaded, refused (a step of loading failed; the reason is in the "
+            "repository index), unloaded and evicted (memory budget), by model.",
+            ["model", "outcome"],
+        )
+        self.cold_start = Histogram(
+            "slimserve_model_cold_start_seconds",
+            "Time a request waited for its evicted model to be loaded again.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.sessions_open = Gauge(
+            "slimserve_sessions_open",
+            "onnxruntime sessions open in the workers (one per loaded variant).",
+            multiprocess_mode="livesum",
+        )
         self.model_info = Gauge(
             "slimserve_model_info",
             "1 for each loaded model, labelled with the execution provider in use; 0 when it "
-            "failed to load.",
+            "failed to load or was unloaded.",
             [*_LABELS, "provider"],
             multiprocess_mode="max",
+        )
+
+    def _shadows(self) -> None:
+        """Shadow traffic compared with the primary's answers."""
+        self.shadow_comparisons = Counter(
+            "slimserve_shadow_comparisons_total",
+            "Samples the shadow target answered, compared with the primary's answer: agree, "
+            "disagree, or dropped (shadow backlog full) and failed.",
+            ["model", "shadow", "outcome"],
+        )
+        self.shadow_difference = Histogram(
+            "slimserve_shadow_max_abs_difference",
+            "Largest absolute difference between the shadow's and the primary's outputs, per "
+            "request.",
+            ["model", "shadow"],
+            buckets=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0),
         )
 
 

@@ -1,31 +1,36 @@
-"""Loaded models: one onnxruntime session and one batcher per model variant, from the repository.
+"""The models this worker serves: every model of the repository, its versions, and which of
+them answer.
 
-Every servable variant of a model's latest version is loaded (FP32, INT8, pruned, ...); the
-manifest's default variant answers requests that name none. A variant is addressed as
-``name@variant`` (in a URL or a friendly endpoint's ``model``) or with the v2 request parameter
-``variant``. A model that fails to load (corrupt file, hash mismatch, unreadable manifest, a graph
-onnxruntime rejects, a ``serving`` object with a bad value) stays in the store as not ready,
-with the reason; the others serve. :meth:`ModelStore.resolve` is the one lookup every request
-makes; running a model is :mod:`service.serving.dataplane`'s business.
+A model's entry holds the versions it knows (loaded, or refused with the reason) and the ones
+its version policy routes to, newest first. A version is one onnxruntime session and one
+batcher per variant (:mod:`service.serving.loader`); the manifest's default variant answers
+requests that name none, and ``name@variant`` (or the v2 request parameter ``variant``) picks
+another. Routes change by swapping a tuple: a request that already holds a version finishes
+there, and the version is closed once nothing runs on it (:mod:`service.serving.lifecycle`).
+:meth:`ModelStore.acquire` is the one lookup every inference request makes; it also splits
+traffic to a canary and brings an evicted model back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import onnxruntime as ort
-
-from ..core.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnavailable
 from ..core.logs import clip
-from ..core.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
-from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from ..core.policies import Traffic, VersionPolicy
+from ..core.repository import ModelRepository, RepositoryError
 from ..core.settings import ModelServing, Settings
-from ..core.validation import Expected, names
-from .batcher import BatchObserver, DynamicBatcher
+from ..core.validation import names
+from .loader import READY, LoadedModel, LoadedVersion, VersionLoader
 from .metrics import UNKNOWN_MODEL, metrics
 
-__all__ = ["LoadedModel", "ModelStore", "VARIANT_SEPARATOR"]
+__all__ = ["LoadedModel", "ModelEntry", "ModelStore", "VARIANT_SEPARATOR", "index"]
 
 VARIANT_SEPARATOR = "@"
 
@@ -33,229 +38,317 @@ log = logging.getLogger("slimserve.models")
 
 
 @dataclass
-class LoadedModel:
+class ModelEntry:
+    """One model of the repository in this worker."""
+
     name: str
-    version: int | None
-    variant: str
-    manifest: Manifest | None = None
-    session: OrtSession | None = None
-    batcher: DynamicBatcher | None = None
-    serving: ModelServing = field(default_factory=ModelServing)
-    #: what a request must look like (inputs, most samples), checked before data is decoded
-    expected: Expected | None = None
-    #: why the model is not ready, with paths relative to the repository
-    error: str | None = None
-    #: every variant of this model version that is loaded (the default one included)
-    siblings: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
-    #: variants that exist but are not served here, with the reason
-    unservable: dict[str, str] = field(default_factory=dict, repr=False)
+    #: every version this worker knows: loaded and serving, loaded and draining, or refused
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    #: the versions requests go to, newest first (swapped whole, never edited in place)
+    serving: tuple[int, ...] = ()
+    policy: VersionPolicy = field(default_factory=VersionPolicy)
+    traffic: Traffic | None = None
+    #: set at run time through the repository API: wins over the manifest's
+    traffic_override: bool = False
+    #: why nothing serves when nothing does ("unloaded", "evicted ...", a refusal)
+    reason: str = "not loaded"
+    #: the reason is a refusal: the repository must be fixed (no retry helps)
+    refused: bool = False
+    refused_versions: list[int] = field(default_factory=list)
+    #: evicted for the memory budget: the next request loads it again
+    evicted: bool = False
+    #: a load of this model in progress (requests for an evicted model wait on it), and the
+    #: versions it loads
+    loading: asyncio.Future[None] | None = field(default=None, repr=False)
+    pending: set[int] = field(default_factory=set)
+    lock: asyncio.Lock | None = field(default=None, repr=False)
 
-    @property
-    def ready(self) -> bool:
-        return self.session is not None
+    def primary(self) -> LoadedVersion | None:
+        """The newest serving version that is ready."""
+        for v in self.serving:
+            version = self.versions.get(v)
+            if version is not None and version.state == READY:
+                return version
+        return None
 
-    @property
-    def card(self) -> str | None:
-        """The version's compression card (markdown), when the build wrote one."""
-        if self.session is None:
-            return None
-        path = self.session.path.parent / "card.md"
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-
-    @property
-    def labels(self) -> tuple[str, str, str]:
-        return self.name, str(self.version or ""), self.variant
+    def locked(self) -> asyncio.Lock:
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        return self.lock
 
 
 class ModelStore:
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.settings = settings
-        self.models: dict[str, LoadedModel] = {}
+        self.loader = VersionLoader(repository, settings)
+        self.entries: dict[str, ModelEntry] = {}
+        self.random = random.Random()
+        #: loads an evicted model again (set by the lifecycle; None: nothing is evicted)
+        self.reload: Callable[[str], Awaitable[None]] | None = None
 
-    def load_all(self) -> None:
-        options = RuntimeOptions.from_settings(self.settings)
+    # ------------------------------------------------------------------ start-up (blocking)
+
+    def load_all(self, only: list[str] | None = None) -> None:
+        """Every model of the repository (``only`` these when given), its versions as its
+        policy says: what a worker does before it serves."""
         for name in self.repository.names():
             for folder in self.repository.unpublished(name):
                 log.warning(
                     "model %s: folder %s has no manifest.json, so it is not a version; skipped",
                     name,
-                    self._relative(str(folder)),
+                    self.loader.relative(str(folder)),
                 )
-            self.models[name] = self._load(name, options)
-        ready = sum(m.ready for m in self.models.values())
-        log.info("%d of %d models ready from %s", ready, len(self.models), self.repository.root)
+            entry = self.entries.setdefault(name, ModelEntry(name))
+            if only is not None and "*" not in only and name not in only:
+                continue
+            wanted = self.wanted_versions(entry)
+            loaded = {v: self.loader.load(name, v) for v in wanted}
+            self.install(entry, loaded)
+        ready = sum(e.primary() is not None for e in self.entries.values())
+        log.info("%d of %d models ready from %s", ready, len(self.entries), self.repository.root)
 
-    def _load(self, name: str, options: RuntimeOptions) -> LoadedModel:
-        """The default variant (or why it is not ready), with every other servable variant.
-        Each variant's file is checked on its own: a corrupt INT8 file makes that variant
-        unservable, not the model."""
-        version = self.repository.versions(name)[-1]
+    def wanted_versions(self, entry: ModelEntry) -> list[int]:
+        """The versions ``entry``'s policy routes to, from the newest manifest's policy."""
         try:
-            entry = self.repository.get(name, version)
-            serving = ModelServing.parse(entry.manifest.serving, name)
-        except (RepositoryError, ValueError) as exc:
-            return self._not_ready(name, version, "fp32", exc)
-        manifest = entry.manifest
-        default = manifest.default_variant
-        wanted = manifest.variants if self.settings.load_variants else {default: None}
-        loaded: dict[str, LoadedModel] = {}
-        unservable: dict[str, str] = {}
-        for variant in wanted:
-            why = self._unservable(manifest, variant, options)
-            if why is None:
-                try:
-                    loaded[variant] = self._load_variant(entry, variant, serving, options)
-                except (RepositoryError, ModelLoadError) as exc:
-                    if variant == default:
-                        return self._not_ready(name, version, variant, exc)
-                    why = self._relative(str(exc))
-                    log.error("model %s: variant %s is not served: %s", name, variant, exc)
-            if why is not None:
-                unservable[variant] = why
-        if default not in loaded:
-            why = unservable.get(default, "not loaded")
-            return self._not_ready(name, version, default, RepositoryError(why))
-        for model in loaded.values():
-            model.siblings, model.unservable = loaded, unservable
-        return loaded[default]
+            available = self.repository.versions(entry.name)
+        except RepositoryError:
+            return []
+        policy, traffic = self._policies(entry.name, max(available))
+        entry.policy = policy
+        if not entry.traffic_override:
+            entry.traffic = traffic
+        return policy.choose(available)
 
-    def _load_variant(
-        self, entry: ModelVersion, variant: str, serving: ModelServing, options: RuntimeOptions
-    ) -> LoadedModel:
-        """One variant: its file checked against the manifest's sha256, then its session."""
-        manifest = entry.manifest
-        entry.verify([manifest.variants[variant].file])
-        label = f"{manifest.name}:{manifest.version}:{variant}"
-        session = OrtSession(entry.variant_path(variant), label, options)
-        model = LoadedModel(
-            manifest.name, manifest.version, variant, manifest, session, serving=serving
-        )
-        model.batcher = self._batcher(model)
-        model.expected = Expected.of(model.name, session.inputs, model.batcher.max_queue_size)
-        m = metrics()
-        m.load_seconds.labels(*model.labels).set(session.load_seconds)
-        m.model_info.labels(*model.labels, session.provider).set(1)
-        return model
+    def _policies(self, name: str, newest: int) -> tuple[VersionPolicy, Traffic | None]:
+        try:
+            serving = ModelServing.parse(self.repository.get(name, newest).manifest.serving, name)
+        except (RepositoryError, ValueError):
+            return VersionPolicy(), None  # the version's own load reports what is wrong
+        return serving.version_policy or VersionPolicy(), serving.traffic
 
-    def _unservable(self, manifest: Manifest, variant: str, options: RuntimeOptions) -> str | None:
-        entry = manifest.variants[variant]
-        if not entry.file:
-            return entry.reason or "the build produced no file"
-        if entry.available:
-            return None
-        need = entry.requires_provider
-        if need and need in ort.get_available_providers() and need in options.providers:
-            return None  # built where it could not be measured (FP16 on a CPU machine)
-        return entry.reason or "marked unavailable in the manifest"
+    def install(self, entry: ModelEntry, loaded: dict[int, LoadedVersion]) -> list[LoadedVersion]:
+        """Route ``entry`` to the ready ones of ``loaded`` (with the versions it already
+        serves that the policy still wants); return the versions no longer routed, for the
+        caller to drain and close. One swap: a request sees the old routes or the new."""
+        entry.versions.update(loaded)
+        wanted = set(loaded) | {v for v in entry.serving if v in entry.versions}
+        wanted &= set(entry.policy.choose(list(entry.versions)))
+        ready = [v for v in wanted if entry.versions[v].state == READY]
+        if not ready and entry.serving:
+            refused = [v for v in loaded.values() if v.state != READY]
+            if refused:  # a new version failed: the old one keeps serving
+                return []
+        retired = [entry.versions[v] for v in entry.serving if v not in ready]
+        entry.serving = tuple(sorted(ready, reverse=True))
+        if entry.serving:
+            entry.reason, entry.refused = "", False
+        else:
+            refused = [v for v in loaded.values() if v.reason]
+            if len(refused) == 1:
+                entry.reason, entry.refused = refused[0].reason, True
+            elif refused:
+                entry.reason = "; ".join(f"version {v.version}: {v.reason}" for v in refused)
+                entry.refused = True
+            entry.refused_versions = [v.version for v in refused]
+        metrics().sessions_open.set(_open_sessions())
+        return retired
 
-    def _not_ready(self, name: str, version: int, variant: str, exc: Exception) -> LoadedModel:
-        log.error("model %s version %s is not ready: %s", name, version, exc)
-        model = LoadedModel(name, version, variant, error=self._relative(str(exc)))
-        metrics().model_info.labels(*model.labels, "none").set(0)
-        return model
-
-    def _relative(self, message: str) -> str:
-        """``message`` with the repository's absolute path cut off (clients see reasons; they
-        need not learn where the server keeps its files)."""
-        for root in {str(self.repository.root.resolve()), str(self.repository.root)}:
-            message = message.replace(root + "/", "")
-        return message
-
-    def _batcher(self, model: LoadedModel) -> DynamicBatcher:
-        assert model.session is not None
-        max_batch_size, max_queue_delay_s, max_queue_size = model.serving.batching(self.settings)
-        session = model.session
-        splittable = all(t.shape and t.shape[0] == -1 for t in [*session.inputs, *session.outputs])
-        m = metrics()
-        labels = model.labels
-        queue = m.queue_duration.labels(*labels)
-        compute = m.compute_duration.labels(*labels)
-        sizes = m.batch_size.labels(*labels)
-        samples = m.samples.labels(*labels)
-        executions = m.executions.labels(*labels)
-
-        def on_batch(n: int, seconds: float) -> None:
-            compute.observe(seconds)
-            sizes.observe(n)
-            samples.inc(n)
-            executions.inc()
-
-        return DynamicBatcher(
-            session.run,
-            f"{model.name}:{model.version}",
-            max_batch_size=max_batch_size,
-            max_queue_delay_s=max_queue_delay_s,
-            max_queue_size=max_queue_size,
-            retry_after_s=self.settings.retry_after_s,
-            splittable=splittable,
-            observer=BatchObserver(queue_wait=queue.observe, batch=on_batch),
-        )
+    # ------------------------------------------------------------------ the per-request lookup
 
     def resolve(
         self, name: str, version: str | None = None, variant: str | None = None
     ) -> LoadedModel:
-        """The one lookup of a request: ``name`` (or ``name@variant``), the version the URL
-        names, and the variant a request parameter names.
+        """``name`` (or ``name@variant``), the version the URL names, the variant a request
+        parameter names: the variant that answers. 404 for an unknown model, version or
+        variant; 400 when the name and the parameter disagree, or the model failed to load;
+        503 while it loads."""
+        base, pinned = _split(name, variant)
+        entry = self._entry(base)
+        loaded = self._version(entry, version)
+        wanted = pinned or variant
+        model = loaded.default
+        assert model is not None
+        return model if not wanted or wanted == model.variant else _sibling(model, wanted)
 
-        404 for an unknown model, version or variant; 400 when the name and the parameter
-        name different variants; 503 with the reason when the model failed to load.
-        """
-        base, _, pinned = name.partition(VARIANT_SEPARATOR)
-        if variant is not None and (not isinstance(variant, str) or not variant):
-            raise InvalidInput(
-                f"request parameter 'variant' for model {clip(base, 64)!r}: expected a variant "
-                f"name (string), got {clip(variant, 32)}"
-            )
-        if pinned and variant and pinned != variant:
-            raise InvalidInput(
-                f"model {clip(base, 64)!r}: the URL names variant {clip(pinned, 64)!r}, the "
-                f"request parameter 'variant' names {clip(variant, 64)!r}; name one"
-            )
-        model = self.models.get(base)
-        if model is None:
+    async def acquire(
+        self, name: str, version: str | None = None, variant: str | None = None
+    ) -> LoadedModel:
+        """:meth:`resolve` for a request about to run: a canary takes its share of requests
+        that name no version or variant, and an evicted model is loaded again first (the
+        wait is recorded as a cold start)."""
+        base, pinned = _split(name, variant)
+        entry = self._entry(base)
+        if entry.primary() is None and (entry.evicted or entry.loading is not None):
+            started = time.perf_counter()
+            if entry.loading is not None:
+                await asyncio.shield(entry.loading)
+            elif self.reload is not None:
+                await self.reload(base)
+            metrics().cold_start.labels(base).observe(time.perf_counter() - started)
+        if version is None and not (pinned or variant):
+            canary = self._canary(entry)
+            if canary is not None:
+                return canary
+        return self.resolve(name, version, variant)
+
+    def _canary(self, entry: ModelEntry) -> LoadedModel | None:
+        traffic = entry.traffic
+        if traffic is None or traffic.canary is None or traffic.canary_weight <= 0:
+            return None
+        if self.random.random() >= traffic.canary_weight:
+            return None
+        try:
+            return self.target(entry, traffic.canary)
+        except (ModelNotFound, ModelUnavailable, ModelNotReady):
+            return None  # a canary that is not there: the primary answers
+
+    def target(self, entry: ModelEntry, target: object) -> LoadedModel:
+        """The variant a traffic target (another version, or another variant) names."""
+        version = getattr(target, "version", None)
+        variant = getattr(target, "variant", None)
+        loaded = self._version(entry, None if version is None else str(version))
+        assert loaded.default is not None
+        return loaded.default if variant is None else _sibling(loaded.default, variant)
+
+    def _entry(self, base: str) -> ModelEntry:
+        entry = self.entries.get(base)
+        if entry is None:
             raise ModelNotFound(
-                f"model {clip(base, 64)!r} is not served here ({len(self.models)} models; "
+                f"model {clip(base, 64)!r} is not served here ({len(self.entries)} models; "
                 "POST /v2/repository/index lists them)"
             )
-        if version is not None and version != str(model.version):
-            raise ModelNotFound(
-                f"model '{base}' has no version {clip(version, 32)!r} loaded "
-                f"(serving version {model.version})"
-            )
-        if not model.ready:
-            raise ModelUnavailable(
-                f"model '{model.name}' version {model.version} failed to load and will not "
-                f"be served until its repository folder is fixed: {model.error}"
-            )
-        wanted = pinned or variant
-        return model if not wanted or wanted == model.variant else self._sibling(model, wanted)
+        return entry
 
-    @staticmethod
-    def _sibling(model: LoadedModel, variant: str) -> LoadedModel:
-        """Another variant of the same model version; 404 naming the servable ones."""
-        sibling = model.siblings.get(variant)
-        if sibling is not None:
-            return sibling
-        servable = names(sorted(model.siblings))
-        if variant in model.unservable:
+    def _version(self, entry: ModelEntry, version: str | None) -> LoadedVersion:
+        if version is not None:
+            loaded = entry.versions.get(int(version)) if version.isdigit() else None
+            if loaded is not None and loaded.version in entry.serving:
+                return loaded
             raise ModelNotFound(
-                f"model '{model.name}' variant '{variant}' is not served here: "
-                f"{model.unservable[variant]} (served variants: {servable})"
+                f"model '{entry.name}' has no version {clip(version, 32)!r} loaded "
+                f"(serving versions {list(entry.serving) or 'none'})"
             )
-        raise ModelNotFound(
-            f"model '{model.name}' has no variant {clip(variant, 64)!r} "
-            f"(served variants: {servable})"
-        )
+        primary = entry.primary()
+        if primary is not None:
+            return primary
+        if entry.loading is not None:
+            raise ModelNotReady(
+                f"model '{entry.name}' is loading; retry later", self.settings.retry_after_s
+            )
+        if entry.refused:
+            which = ", ".join(str(v) for v in entry.refused_versions)
+            plural = "s" if len(entry.refused_versions) > 1 else ""
+            raise ModelUnavailable(
+                f"model '{entry.name}' version{plural} {which} failed to load and will not be "
+                f"served until its repository folder is fixed: {entry.reason}"
+            )
+        raise ModelUnavailable(f"model '{entry.name}' is not loaded: {entry.reason}")
+
+    @contextmanager
+    def using(self, model: LoadedModel) -> Iterator[None]:
+        """Count a request on ``model``'s version while it runs (an unloaded version is
+        closed only when none is left) and mark the version as used (for eviction)."""
+        owner = model.owner
+        if owner is None:
+            yield
+            return
+        owner.in_flight += 1
+        owner.last_used = time.monotonic()
+        try:
+            yield
+        finally:
+            owner.in_flight -= 1
+
+    # ------------------------------------------------------------------ what clients see
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """Each model's default variant of its newest serving version, or a stand-in that
+        says why it does not serve."""
+        out = {}
+        for name, entry in self.entries.items():
+            primary = entry.primary()
+            if primary is not None and primary.default is not None:
+                out[name] = primary.default
+            else:
+                out[name] = LoadedModel(name, max(entry.versions, default=None), "fp32")
+                out[name].error = entry.reason
+        return out
 
     def labels(self, name: str) -> tuple[str, str, str]:
         """Metric labels for a request naming ``name``, before it is resolved: the model's
         default variant, or the one ``unknown`` value (an unknown name adds no series)."""
-        model = self.models.get(name.partition(VARIANT_SEPARATOR)[0])
-        return model.labels if model is not None else (UNKNOWN_MODEL, "", "")
+        entry = self.entries.get(name.partition(VARIANT_SEPARATOR)[0])
+        if entry is None:
+            return UNKNOWN_MODEL, "", ""
+        primary = entry.primary()
+        if primary is not None and primary.default is not None:
+            return primary.default.labels
+        return entry.name, "", ""
 
     async def close(self) -> None:
-        for default in self.models.values():
-            for model in default.siblings.values() or [default]:
-                if model.batcher is not None:
-                    await model.batcher.close()
+        for entry in self.entries.values():
+            for loaded in entry.versions.values():
+                loaded.close()
+
+
+def _split(name: str, variant: object) -> tuple[str, str]:
+    base, _, pinned = name.partition(VARIANT_SEPARATOR)
+    if variant is not None and (not isinstance(variant, str) or not variant):
+        raise InvalidInput(
+            f"request parameter 'variant' for model {clip(base, 64)!r}: expected a variant "
+            f"name (string), got {clip(variant, 32)}"
+        )
+    if pinned and variant and pinned != variant:
+        raise InvalidInput(
+            f"model {clip(base, 64)!r}: the URL names variant {clip(pinned, 64)!r}, the "
+            f"request parameter 'variant' names {clip(variant, 64)!r}; name one"
+        )
+    return base, pinned
+
+
+def _sibling(model: LoadedModel, variant: str) -> LoadedModel:
+    """Another variant of the same model version; 404 naming the servable ones."""
+    sibling = model.siblings.get(variant)
+    if sibling is not None:
+        return sibling
+    servable = names(sorted(model.siblings))
+    if variant in model.unservable:
+        raise ModelNotFound(
+            f"model '{model.name}' variant '{variant}' is not served here: "
+            f"{model.unservable[variant]} (served variants: {servable})"
+        )
+    raise ModelNotFound(
+        f"model '{model.name}' has no variant {clip(variant, 64)!r} (served variants: {servable})"
+    )
+
+
+def _open_sessions() -> int:
+    from ..core.runtime import OrtSession
+
+    return OrtSession.open_count
+
+
+def index(store: ModelStore, ready_only: bool = False) -> list[dict[str, str]]:
+    """The repository extension's index: every model, each version it knows with its state
+    (READY, LOADING, UNLOADING, UNAVAILABLE) and the reason; a model with none, its reason."""
+    rows: list[dict[str, str]] = []
+    for name in sorted(store.entries):
+        entry = store.entries[name]
+        versions = sorted(set(entry.versions) | entry.pending)
+        for v in versions:
+            loaded = entry.versions.get(v)
+            if v in entry.pending and (loaded is None or v not in entry.serving):
+                state, reason = "LOADING", ""
+            elif loaded is not None and v in entry.serving and loaded.state == READY:
+                state, reason = READY, ""
+            elif loaded is not None and loaded.state == "UNLOADING":
+                state, reason = "UNLOADING", "replaced or unloaded; finishing its requests"
+            else:
+                state = "UNAVAILABLE"
+                reason = (loaded.reason if loaded is not None else "") or entry.reason
+            rows.append({"name": name, "version": str(v), "state": state, "reason": reason})
+        if not versions:
+            rows.append({"name": name, "state": "UNAVAILABLE", "reason": entry.reason})
+    return [r for r in rows if r["state"] == READY] if ready_only else rows
