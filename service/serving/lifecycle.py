@@ -53,7 +53,10 @@ class ControlState:
 
     def __init__(self, folder: Path | None) -> None:
         self.path = folder / _CONTROL_FILE if folder is not None else None
-        self.applied = 0
+        self.seq = 0  # the newest change seen
+        #: per model, the number of the last change applied here (each model's entry in the
+        #: file holds its latest change only)
+        self.applied: dict[str, int] = {}
 
     def read(self) -> dict[str, Any]:
         if self.path is None or not self.path.exists():
@@ -61,10 +64,11 @@ class ControlState:
         return dict(json.loads(self.path.read_text()))
 
     def record(self, name: str, change: dict[str, Any]) -> int:
-        """Add ``change`` for ``name``; its number."""
+        """Add ``change`` for ``name`` (the caller applies it here); its number."""
         if self.path is None:
-            self.applied += 1
-            return self.applied
+            self.seq += 1
+            self.applied[name] = self.seq
+            return self.seq
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state = self.read()
@@ -73,6 +77,7 @@ class ControlState:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, self.path)
+            self.applied[name] = int(state["seq"])
             return int(state["seq"])
 
 
@@ -176,11 +181,13 @@ class Lifecycle:
     async def _apply_shared(self) -> None:
         """What other workers decided through the API, applied here too."""
         state = await asyncio.to_thread(self.control.read)
-        if state["seq"] <= self.control.applied:
+        if state["seq"] <= self.control.seq:
             return
+        self.control.seq = state["seq"]
         for name, change in state["models"].items():
-            if change.get("seq", 0) <= self.control.applied:
+            if change.get("seq", 0) <= self.control.applied.get(name, 0):
                 continue
+            self.control.applied[name] = change["seq"]
             if "traffic" in change:
                 raw = change["traffic"]
                 entry = self.store.entries.setdefault(name, ModelEntry(name))
@@ -189,7 +196,6 @@ class Lifecycle:
                 await self.load(name)
             elif change.get("loaded") is False:
                 await self.unload(name)
-        self.control.applied = state["seq"]
 
     # ------------------------------------------------------------------ load, unload, poll
 

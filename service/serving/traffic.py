@@ -97,6 +97,7 @@ def compare(
 
 _SESSIONS = 4  # shadow sessions kept open at most (one per recent target)
 _FLUSH_S = 0.5  # shadow counts reach Prometheus at most this often
+_BATCH = 64  # copies run together at most
 
 
 @dataclass
@@ -184,43 +185,61 @@ class Shadows:
         return stats
 
     def _work(self) -> None:
-        """The shadow thread: lowest priority, one copy at a time."""
+        """The shadow thread: lowest priority; the copies waiting are run as batches (one
+        onnxruntime run and one comparison for each group of alike copies), which keeps its
+        Python work, and so its hold on the interpreter lock, small under load."""
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             try:
-                copy = self._queue.get(timeout=_FLUSH_S)
+                first = self._queue.get(timeout=_FLUSH_S)
             except queue.Empty:
                 self._flush()
                 continue
-            if copy is None:
+            copies = [first]
+            while first is not None and len(copies) < _BATCH:
+                try:
+                    copies.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in copies
+            for group in _alike([c for c in copies if c is not None]):
+                try:
+                    self._compare(group)
+                except Exception as exc:  # a shadow never takes the worker down
+                    head = group[0]
+                    head.stats.failed += len(group)
+                    m = metrics().shadow_comparisons
+                    m.labels(head.model, head.label, "failed").inc(len(group))
+                    log.debug("shadow %s of %s failed: %s", head.label, head.model, exc)
+            if stop:
                 self._flush()
                 return
-            try:
-                self._compare(copy)
-            except Exception as exc:  # a shadow never takes the worker down
-                copy.stats.failed += 1
-                metrics().shadow_comparisons.labels(copy.model, copy.label, "failed").inc()
-                log.debug("shadow %s of %s failed: %s", copy.label, copy.model, exc)
 
-    def _compare(self, copy: _Copy) -> None:
-        session = self._sessions.pop(copy.path, None)
+    def _compare(self, group: list[_Copy]) -> None:
+        head = group[0]
+        session = self._sessions.pop(head.path, None)
         if session is None:
             options = RuntimeOptions.from_settings(self.store.settings)
             options.intra_op_threads = 1  # the work stays on this low-priority thread
-            session = OrtSession(copy.path, "shadow", options)
-        self._sessions[copy.path] = session  # the most recently used last
+            session = OrtSession(head.path, "shadow", options)
+        self._sessions[head.path] = session  # the most recently used last
         while len(self._sessions) > _SESSIONS:  # targets that changed: closed
             self._sessions.pop(next(iter(self._sessions))).close()
-        outputs = session.run(copy.inputs)
+        if len(group) > 1 and not all(t.shape[:1] == (-1,) for t in session.inputs):
+            for copy in group:  # no batch axis: one at a time
+                self._compare([copy])
+            return
+        inputs = _stack([c.inputs for c in group])
+        values = _stack([c.values for c in group])
+        outputs = session.run(inputs)
         answer = dict(zip(session.output_names, outputs, strict=True))
-        agree, disagree, difference = compare(copy.task, copy.values, answer, copy.tolerance)
-        stats = copy.stats
+        agree, disagree, difference = compare(head.task, values, answer, head.tolerance)
+        stats = head.stats
         stats.compared += agree + disagree
         stats.agreed += agree
         stats.max_difference = max(stats.max_difference, difference)
-        key = (copy.model, copy.label)
-        counts = self._unflushed.setdefault(key, [0, 0, []])
+        counts = self._unflushed.setdefault((head.model, head.label), [0, 0, []])
         counts[0] += agree
         counts[1] += disagree
         counts[2].append(difference)
@@ -246,3 +265,19 @@ class Shadows:
                 self._queue.put_nowait(None)
         for session in self._sessions.values():
             session.close()
+
+
+def _alike(copies: list[_Copy]) -> list[list[_Copy]]:
+    """Groups of copies that can run as one batch: same target, same stats, inputs of the
+    same shapes but the first axis."""
+    groups: dict[tuple[Any, ...], list[_Copy]] = {}
+    for c in copies:
+        shapes = tuple((k, v.dtype.str, v.shape[1:]) for k, v in c.inputs.items())
+        groups.setdefault((c.path, id(c.stats), shapes), []).append(c)
+    return list(groups.values())
+
+
+def _stack(tensors: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(tensors) == 1:
+        return tensors[0]
+    return {k: np.concatenate([t[k] for t in tensors]) for k in tensors[0]}

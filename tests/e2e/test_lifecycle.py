@@ -204,7 +204,7 @@ def test_a_shadow_int8_variant_records_its_agreement(zoo_repo: ModelRepository, 
             }
             answer = httpx.post(f"{srv.url}/v2/models/digits-cnn/infer", json=body)
             assert answer.status_code == 200 and answer.headers["x-model-variant"] != "int8-dynamic"
-        time.sleep(0.5)
+        time.sleep(1.0)  # the shadow runs after the answers; its counts are flushed each 0.5 s
         agree = _metric(
             srv.url, "slimserve_shadow_comparisons_total", shadow="int8-dynamic", outcome="agree"
         )

@@ -202,7 +202,7 @@ def test_canary_and_shadow_split_traffic_and_shadows_are_compared(
         shadow = {"shadow": {"version": 1}, "shadow_fraction": 1.0}
         await c.post("/v2/repository/models/alpha/traffic", shadow)
         primary = [await c.infer() for _ in range(6)]
-        await asyncio.sleep(0.2)  # the shadow copies run after the answers
+        await asyncio.sleep(0.8)  # the shadow copies run after the answers; counts flushed
         meta = (await c.http.get("/v2/models/alpha")).json()
         cleared = await c.http.post("/v2/repository/models/alpha/traffic", content=b"null")
         return set_canary, to_canary, primary, meta, cleared
