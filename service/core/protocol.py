@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False  # request parameter ``binary_data_output``
+    #: the decoder checked every tensor's name, datatype and shape against this model
+    checked_against: Mapping[str, Any] | None = None
 
 
 def _fail(message: str) -> InvalidInput:
@@ -220,6 +223,7 @@ def decode_request(
         parameters=params,
         outputs=_requested_outputs(doc.outputs),
         binary_output=bool(params.get("binary_data_output", False)),
+        checked_against=expected.inputs if expected is not None else None,
     )
 
 

@@ -13,8 +13,7 @@ and every request metric is observed here, whichever transport the request came 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar
@@ -34,7 +33,7 @@ from ..core.errors import (
 )
 from ..core.protocol import InferRequest, RequestedOutput, select_outputs, validate_inputs
 from .lifecycle import Lifecycle
-from .metrics import ServingMetrics, metrics
+from .metrics import metrics
 from .store import LoadedModel, ModelStore, index
 from .tracing import Call
 from .traffic import Shadows
@@ -112,41 +111,57 @@ class DataPlane:
         ``call`` carries what the transport knows: whether the client hung up (its queued
         work is then dropped) and the trace context (a span when tracing is on)."""
         start = time.perf_counter()
-        m = metrics()
-        labels = self.store.labels(name)
         span = self._span(name, call) if self.tracer is not None and call is not None else None
+        model: LoadedModel | None = None
         try:
             model = await self.store.acquire(name, version)  # a canary may take it
-            labels = model.labels
-            assert model.batcher is not None  # acquire() returns ready models
-            model.batcher.check_room(self.settings.request_timeout_s)  # shed before decoding
-            with _in_flight(m, labels):
-                with self.store.using(model):  # the version stays open while it is used
-                    request = await decode(model)
+            meters, owner, batcher = model.meters, model.owner, model.batcher
+            assert meters is not None and owner is not None and batcher is not None
+            batcher.check_room(self.settings.request_timeout_s)  # shed before decoding
+            meters.in_flight.inc()
+            owner.in_flight += 1  # the version stays open while a request uses it
+            owner.last_used = start
+            try:
+                request = await decode(model)
                 asked = request.parameters.get("variant")
                 if asked is not None:  # v2 parameter: another variant of the same version
                     model = self.store.resolve(name, version, asked)
-                    labels = model.labels
-                with self.store.using(model):
-                    done = await self._run(model, request, call)
-                answer = encode(done)
+                    if model.owner is not owner and model.owner is not None:
+                        owner.in_flight -= 1
+                        owner = model.owner
+                        owner.in_flight += 1
+                done = await self._run(model, request, call)
+            finally:
+                owner.in_flight -= 1
+                meters.in_flight.dec()
+            answer = encode(done)
         except ServingError as exc:
             outcome = next((o for t, o in _OUTCOMES if isinstance(exc, t)), "error")
-            m.requests.labels(*labels, outcome).inc()
-            if span is not None:
-                self._end_span(span, call, labels, outcome)
+            self._count(name, model, outcome, span, call)
             raise
         except Exception:
-            m.requests.labels(*labels, "error").inc()
-            if span is not None:
-                self._end_span(span, call, labels, "error")
+            self._count(name, model, "error", span, call)
             raise
-        m.requests.labels(*labels, "success").inc()
-        m.request_duration.labels(*labels).observe(time.perf_counter() - start)
+        meters = model.meters
+        assert meters is not None
+        meters.success.inc()
+        meters.duration.observe(time.perf_counter() - start)
         if span is not None:
-            self._end_span(span, call, labels, "success")
+            self._end_span(span, call, model.labels, "success")
         self.shadows.offer(done.model, done.request.inputs, done.samples, done.values)
         return answer
+
+    def _count(
+        self, name: str, model: LoadedModel | None, outcome: str, span: Any, call: Call | None
+    ) -> None:
+        """A request that did not succeed, counted by outcome (and its span ended)."""
+        labels = model.labels if model is not None else self.store.labels(name)
+        if model is not None and model.meters is not None:
+            model.meters.outcome(outcome).inc()
+        else:
+            metrics().requests.labels(*labels, outcome).inc()
+        if span is not None:
+            self._end_span(span, call, labels, outcome)
 
     async def _run(self, model: LoadedModel, request: InferRequest, call: Call | None) -> Inference:
         """validate -> batch -> onnxruntime: the one way every transport runs a model."""
@@ -268,13 +283,3 @@ class DataPlane:
         await self.shadows.close()
         await self.lifecycle.close()
         await self.store.close()
-
-
-@contextmanager
-def _in_flight(m: ServingMetrics, labels: tuple[str, str, str]) -> Iterator[None]:
-    gauge = m.in_flight.labels(*labels)
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()

@@ -24,7 +24,7 @@ from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 from ..core.settings import ModelServing, Settings
 from ..core.validation import Expected
 from .batcher import BatchObserver, DynamicBatcher
-from .metrics import metrics
+from .metrics import Meters, metrics
 
 __all__ = ["LoadedModel", "LoadedVersion", "VersionLoader", "LoadRefused"]
 
@@ -59,6 +59,8 @@ class LoadedModel:
     unservable: dict[str, str] = field(default_factory=dict, repr=False)
     #: the version this variant belongs to (its state, requests in flight)
     owner: LoadedVersion | None = field(default=None, repr=False)
+    #: its request metrics, bound to its labels
+    meters: Meters | None = field(default=None, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -180,6 +182,7 @@ class VersionLoader:
             raise
         model.batcher = self._batcher(model)
         model.expected = Expected.of(model.name, session.inputs, model.batcher.max_queue_size)
+        model.meters = Meters(model.labels)
         m = metrics()
         m.load_seconds.labels(*model.labels).set(session.load_seconds)
         m.model_info.labels(*model.labels, session.provider).set(1)

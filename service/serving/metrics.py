@@ -9,10 +9,11 @@ model, version and variant of *known* models only, so an unknown URL can never a
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ServingMetrics", "metrics", "LATENCY_BUCKETS", "UNKNOWN_MODEL"]
+__all__ = ["ServingMetrics", "Meters", "metrics", "LATENCY_BUCKETS", "UNKNOWN_MODEL"]
 
 #: 50 µs .. 10 s
 LATENCY_BUCKETS = (
@@ -150,6 +151,28 @@ class ServingMetrics:
             ["model", "shadow"],
             buckets=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0),
         )
+
+
+class Meters:
+    """One variant's request metrics, bound to its labels once (at load), so that a request
+    pays one increment, not a label lookup, per metric."""
+
+    __slots__ = ("labels", "success", "duration", "in_flight", "_outcomes")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        m = metrics()
+        self.labels = labels
+        self.success = m.requests.labels(*labels, "success")
+        self.duration = m.request_duration.labels(*labels)
+        self.in_flight = m.in_flight.labels(*labels)
+        self._outcomes: dict[str, Any] = {}
+
+    def outcome(self, outcome: str) -> Any:
+        """The request counter of ``outcome`` (bound on first use)."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = metrics().requests.labels(*self.labels, outcome)
+        return child
 
 
 @cache

@@ -17,8 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..core.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnavailable
@@ -244,21 +243,6 @@ class ModelStore:
                 f"served until its repository folder is fixed: {entry.reason}"
             )
         raise ModelUnavailable(f"model '{entry.name}' is not loaded: {entry.reason}")
-
-    @contextmanager
-    def using(self, model: LoadedModel) -> Iterator[None]:
-        """Count a request on ``model``'s version while it runs (an unloaded version is
-        closed only when none is left) and mark the version as used (for eviction)."""
-        owner = model.owner
-        if owner is None:
-            yield
-            return
-        owner.in_flight += 1
-        owner.last_used = time.monotonic()
-        try:
-            yield
-        finally:
-            owner.in_flight -= 1
 
     # ------------------------------------------------------------------ what clients see
 
