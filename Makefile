@@ -88,6 +88,12 @@ bench-ab: install
 bench-overload: install
 	SLIMSERVE_INTRA_OP_THREADS=1 $(PY) -m loadtest.serving.overload $(BENCH_ARGS)
 
+# Where a request's microseconds go: py-spy records the worker under the digits-cnn JSON c=64
+# cell (PROFILE_ARGS: --model, --concurrency, --seconds); flame.svg and breakdown.md
+.PHONY: profile
+profile: install
+	$(PY) -m loadtest.serving.profile $(PROFILE_ARGS)
+
 # What a shadow costs the caller: cells with and without a shadow on digits-cnn@int8-static
 .PHONY: bench-shadow
 bench-shadow: install
