@@ -66,23 +66,53 @@ class HttpApp:
                 raise ModelNotFound(f"no route for {scope['method']} {clip(path, 100)}")
         except ClientGone:
             return
-        except ServingError as exc:
-            where = f"{scope['method']} {path}"
-            if call.trace_id is not None:
-                where = f"{where} trace_id={call.trace_id}"
-            self.rejections.rejected(exc.status_code, where, exc.message)
-            metrics().http_errors.labels(_endpoint(path), str(exc.status_code)).inc()
-            if not isinstance(exc, ClientClosedRequest):  # nobody is listening for that one
-                headers = exc.headers
-                if call.trace_id is not None:
-                    headers = {**headers, TRACE_ID_HEADER: call.trace_id}
-                await respond(
-                    send, exc.status_code, dumps({"error": exc.message}), {**JSON, **headers}
-                )
-        except Exception:
-            log.exception("500 %s %s", scope["method"], clip(path))
+        except Exception as exc:
+            answer = self.error_answer(exc, scope["method"], path, call)
+            if answer is not None:
+                await respond(send, *answer)
+
+    def error_answer(
+        self, exc: Exception, method: str, path: str, call: Call
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        """What a failed request gets: ``(status, {"error"} body, headers)``, logged and
+        counted; None when its client hung up (nothing to send)."""
+        if not isinstance(exc, ServingError):
+            log.error("500 %s %s", method, clip(path), exc_info=exc)
             metrics().http_errors.labels(_endpoint(path), "500").inc()
-            await respond(send, 500, dumps({"error": "internal server error"}), JSON)
+            return 500, dumps({"error": "internal server error"}), JSON
+        where = f"{method} {path}"
+        if call.trace_id is not None:
+            where = f"{where} trace_id={call.trace_id}"
+        self.rejections.rejected(exc.status_code, where, exc.message)
+        metrics().http_errors.labels(_endpoint(path), str(exc.status_code)).inc()
+        if isinstance(exc, ClientClosedRequest):  # nobody is listening for that one
+            return None
+        headers = {**JSON, **exc.headers}
+        if call.trace_id is not None:
+            headers[TRACE_ID_HEADER] = call.trace_id
+        return exc.status_code, dumps({"error": exc.message}), headers
+
+    async def infer_now(
+        self,
+        path: str,
+        name: str,
+        version: str | None,
+        body: bytes | bytearray | None,
+        header_length: str | None,
+        gone: Callable[[], bool],
+        traceparent: str | None,
+    ) -> tuple[int, bytes, dict[str, str]] | None:
+        """``POST /v2/models/{name}[/versions/{version}]/infer`` for slimserve's own protocol,
+        which reads the request itself (no ASGI round trip): the answer to write, or None when
+        the client hung up."""
+        call = Call(gone, traceparent if self.traced else None)
+        try:
+            answer, headers = await self.v2.infer_body(name, version, body, header_length, call)
+        except Exception as exc:
+            return self.error_answer(exc, "POST", path, call)
+        if call.trace_id is not None:
+            headers[TRACE_ID_HEADER] = call.trace_id
+        return 200, answer, headers
 
     def openapi(self) -> bytes:
         """The published document, built on first use (BentoML's part, /v2, examples)."""

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from ..core.errors import InvalidInput, MethodNotAllowed, ModelNotFound
+from ..core.errors import InvalidInput, MethodNotAllowed, ModelNotFound, PayloadTooLarge
 from ..core.logs import clip
 from ..core.policies import Traffic
 from ..core.protocol import HEADER_LENGTH, InferRequest, decode_request, dumps, encode_response
@@ -124,25 +124,46 @@ class V2App:
                     header_length = value.decode("latin-1")
             return decode_request(body, header_length, model.expected)
 
-        def encode(done: Inference) -> tuple[bytes, dict[str, str]]:
-            model = done.model
-            body, headers = encode_response(
-                model.name,
-                str(model.version),
-                done.request,
-                done.outputs,
-                done.values,
-                {"variant": model.variant},
-            )
-            headers["x-model-version"] = str(model.version)
-            headers["x-model-variant"] = model.variant
-            return body, headers
-
-        body, extra = await self.dataplane.infer(name, version, decode, encode, call)
-        # which version and variant answered (a canary may have): the v2 body says the version
+        body, extra = await self.dataplane.infer(name, version, decode, encode_answer, call)
         if call.trace_id is not None:
             extra[TRACE_ID_HEADER] = call.trace_id
         await respond(send, 200, body, extra)
+
+    async def infer_body(
+        self,
+        name: str,
+        version: str | None,
+        body: bytes | bytearray | None,
+        header_length: str | None,
+        call: Call,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The same, for a body already read (slimserve's protocol reads it before calling);
+        None for one that was over the limit (a 413 once the model is known, as above)."""
+
+        async def decode(model: LoadedModel) -> InferRequest:
+            if body is None:
+                limit = self.settings.max_body_bytes
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            return decode_request(body, header_length, model.expected)
+
+        return await self.dataplane.infer(name, version, decode, encode_answer, call)
+
+
+def encode_answer(done: Inference) -> tuple[bytes, dict[str, str]]:
+    """The v2 answer, with the version and variant that gave it in headers too (a canary may
+    have): ``X-Model-Version``, ``X-Model-Variant``."""
+    model = done.model
+    body, headers = encode_response(
+        model.name,
+        str(model.version),
+        done.request,
+        done.outputs,
+        done.values,
+        {"variant": model.variant},
+    )
+    headers["x-model-version"] = str(model.version)
+    headers["x-model-variant"] = model.variant
+    return body, headers
 
 
 def _route(rest: list[str]) -> tuple[str | None, str, str | None]:

@@ -19,6 +19,7 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 import uvicorn
@@ -91,7 +92,12 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app=app,  # type: ignore[arg-type]
         loop="uvloop",
-        http=guarded_protocol(limits, lambda: metrics().connections_refused.inc()),
+        http=guarded_protocol(
+            limits,
+            lambda: metrics().connections_refused.inc(),
+            _lean_app(),
+            settings.max_body_bytes,
+        ),
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -100,6 +106,22 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         backlog=settings.backlog,
     )
+
+
+def _lean_app() -> Callable[[], Any]:
+    """The service instance's lean app, once BentoML has created it (None before)."""
+    found: Any = None
+
+    def get() -> Any:
+        nonlocal found
+        if found is None:
+            import bentoml
+
+            service = bentoml.get_current_service()
+            found = getattr(service, "http", None) if service is not None else None
+        return found
+
+    return get
 
 
 def main(argv: list[str] | None = None) -> None:
