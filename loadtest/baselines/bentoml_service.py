@@ -16,9 +16,8 @@ import os
 
 import bentoml
 import numpy as np
-import onnxruntime as ort
 
-from loadtest.baselines.fastapi_server import session_options
+from loadtest.baselines.session import open_session
 
 __all__ = ["Batched", "Plain"]
 
@@ -27,9 +26,7 @@ class _OnnxModel:
     """The session and the one call both flavours share."""
 
     def __init__(self) -> None:
-        self.session = ort.InferenceSession(
-            os.environ["BENCH_MODEL_PATH"], session_options(), providers=["CPUExecutionProvider"]
-        )
+        self.session = open_session(os.environ["BENCH_MODEL_PATH"])
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "probabilities" if "probabilities" in outputs else outputs[0]

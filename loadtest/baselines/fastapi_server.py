@@ -22,6 +22,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from loadtest.baselines.session import open_session
+
 __all__ = ["create_app", "main"]
 
 _V2_TO_NUMPY = {
@@ -43,25 +45,9 @@ def _error(status: int, message: str) -> Response:
     return Response(orjson.dumps({"error": message}), status_code=status, media_type=_JSON)
 
 
-def session_options() -> ort.SessionOptions:
-    """slimserve's defaults: all graph optimisations, intra-op threads chosen by onnxruntime,
-    one inter-op thread, sequential execution, idle threads not spinning."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = 0
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
-
-
 def create_app(model_path: str, name: str, version: str = "1") -> FastAPI:
     """The v2 routes for one model: health, model metadata and JSON infer."""
-    session = ort.InferenceSession(
-        model_path, session_options(), providers=["CPUExecutionProvider"]
-    )
+    session = open_session(model_path)
     input_names = {i.name for i in session.get_inputs()}
     output_names = [o.name for o in session.get_outputs()]
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
