@@ -18,7 +18,7 @@ help:
 	@echo "make models   build the zoo into $(REPO)/ (python -m export build)"
 	@echo "make list     show the model repository (python -m export list)"
 	@echo "make verify   check hashes and that onnxruntime loads every model"
-	@echo "make bench    serving benchmark: slimserve vs FastAPI and plain BentoML (about 8 min)"
+	@echo "make bench    serving benchmark: slimserve vs FastAPI, BentoML, MLServer, KServe, PyTriton"
 	@echo "make bench-ab BASE=rev   slimserve at a git revision vs this checkout (about 3 min)"
 	@echo "make loadtest Locust against a running server (SCENARIO, USERS, RUN_TIME, URL)"
 	@echo "make batch    score a 10,000-row sample file with python -m service.batch (BATCH_ARGS)"
@@ -69,8 +69,10 @@ lint: install
 	$(VENV)/bin/ruff format --check $(LINTED) tests
 	$(VENV)/bin/mypy $(LINTED)
 
-# Serving benchmark: slimserve against a minimal FastAPI + uvicorn + onnxruntime server on the
-# same models, started and stopped by the harness; results in loadtest/results/<UTC time>/.
+# Serving benchmark: slimserve against a minimal FastAPI + uvicorn + onnxruntime server, plain and
+# batching BentoML, and the peers MLServer, KServe and PyTriton (each installed on first use into
+# .venv-peers/<peer>, pinned), on the same models, started and stopped by the harness; results in
+# loadtest/results/<UTC time>/. BENCH_ARGS="--servers fastapi" runs a subset.
 bench: install
 	$(PY) -m loadtest.serving $(BENCH_ARGS)
 
@@ -80,6 +82,12 @@ BASE ?= HEAD
 .PHONY: bench-ab
 bench-ab: install
 	$(PY) -m loadtest.serving.ab --base $(BASE) $(if $(AFTER),--head $(AFTER)) $(BENCH_ARGS)
+
+# Workers and onnxruntime threads: each sensible split of this machine's CPUs and auto,
+# alternately, on the headline cells; results in loadtest/results/<UTC time>-workers/
+.PHONY: bench-workers
+bench-workers: install
+	$(PY) -m loadtest.serving.workers $(BENCH_ARGS)
 
 # Overload: capacity, then an open-loop 4x overload of a heavy model (about 1 min); goodput,
 # refusals and accepted latency in loadtest/results/<UTC time>-overload/

@@ -35,7 +35,7 @@ from typing import Annotated, Any
 
 import typer
 
-from loadtest.serving import report
+from loadtest.serving import peers, report
 from loadtest.serving.cells import (
     CONCURRENCY,
     QUICK_CONCURRENCY,
@@ -45,7 +45,15 @@ from loadtest.serving.cells import (
     measure_startup,
     sweep_cells,
 )
-from loadtest.serving.servers import DEFAULT_ZOO, ROOT, ServerProcess, build_repository, stop_live
+from loadtest.serving.servers import (
+    DEFAULT_ZOO,
+    ROOT,
+    SERVERS,
+    SLIMSERVE,
+    ServerProcess,
+    build_repository,
+    stop_live,
+)
 
 __all__ = ["app", "main", "run"]
 
@@ -81,6 +89,7 @@ def _meta(opts: Options, plan: dict[str, Any]) -> dict[str, Any]:
         "repeats": opts.repeats,
         "quick": opts.quick,
         "concurrency": list(opts.concurrency),
+        "servers": list(opts.servers),
         "slimserve_env": {k: v for k, v in os.environ.items() if k.startswith("SLIMSERVE_")},
         "budget": plan,
     }
@@ -98,7 +107,7 @@ def run(opts: Options) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="slimserve-bench-"))
     began = time.perf_counter()
-    plan = budget(opts, sweep_cells(opts.concurrency))
+    plan = budget(opts, sweep_cells(opts.concurrency, opts.servers))
     print(
         f"budget: {plan['cell_runs_per_repeat']} cell runs x {opts.repeats} repeat(s) x "
         f"({opts.warmup_seconds} + {opts.cell_seconds}) s = {plan['load_seconds']:.0f} s of load, "
@@ -108,6 +117,10 @@ def run(opts: Options) -> dict[str, Any]:
         flush=True,
     )
     doc: dict[str, Any] = {"meta": _meta(opts, plan)}
+    chosen = [k for k in opts.servers if k in peers.PEERS]
+    for kind in chosen:  # before any measuring: a first install takes a minute or so
+        print(f"{kind}: virtual environment {peers.ensure_venv(kind).parent.parent}", flush=True)
+    doc["meta"]["peer_pins"] = {k: peers.PEER_PINS[k] for k in chosen}
     servers: list[ServerProcess] = []
     try:
         repo = work / "models"
@@ -131,6 +144,16 @@ def run(opts: Options) -> dict[str, Any]:
 
 def _stop_all(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
+
+
+def _servers(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return SERVERS
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in SERVERS]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"expected some of {', '.join(SERVERS)}, got {value!r}")
+    return (SLIMSERVE, *(k for k in SERVERS[1:] if k in chosen))  # slimserve always runs
 
 
 def _concurrency(value: str | None) -> tuple[int, ...] | None:
@@ -172,6 +195,15 @@ def main(
     zoo: Annotated[
         Path, typer.Option(help="The repository whose start-to-ready time is measured.")
     ] = DEFAULT_ZOO,
+    servers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated servers besides slimserve [default: all: "
+            + ",".join(SERVERS[1:])
+            + "]; mlserver and kserve run in virtual environments of their own under "
+            ".venv-peers/, made on first use."
+        ),
+    ] = None,
 ) -> None:
     """Run every cell against slimserve and the baselines; write results.json/.md and plots."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -184,6 +216,7 @@ def main(
         zoo=zoo,
         quick=quick,
         concurrency=_concurrency(concurrency) or (QUICK_CONCURRENCY if quick else CONCURRENCY),
+        servers=_servers(servers),
     )
     signal.signal(signal.SIGTERM, _stop_all)
     doc = run(opts)

@@ -32,6 +32,7 @@ from loadtest.serving.servers import (
     BENTOML_SERVICES,
     CNN,
     FASTAPI,
+    LOCAL_SERVERS,
     MLP,
     MLP_SHAPE,
     SERVERS,
@@ -56,6 +57,7 @@ __all__ = [
     "QUICK_CONCURRENCY",
     "Cell",
     "Options",
+    "baseline",
     "budget",
     "ceiling_seconds",
     "ceiling_targets",
@@ -113,10 +115,12 @@ def variant_cells(concurrency: tuple[int, ...] = CONCURRENCY) -> list[Cell]:
     ]
 
 
-def sweep_cells(concurrency: tuple[int, ...] = CONCURRENCY) -> list[Cell]:
-    """One-sample JSON requests at each concurrency, per model, then the binary cell, then
-    the compressed variants."""
-    base = [Cell(m, "json", c) for m in (CNN, MLP) for c in concurrency]
+def sweep_cells(
+    concurrency: tuple[int, ...] = CONCURRENCY, servers: tuple[str, ...] = SERVERS
+) -> list[Cell]:
+    """One-sample JSON requests at each concurrency, per model, against ``servers``, then the
+    binary cell, then the compressed variants (those two slimserve only)."""
+    base = [Cell(m, "json", c, servers=servers) for m in (CNN, MLP) for c in concurrency]
     return base + [BINARY_CELL] + variant_cells(concurrency)
 
 
@@ -174,6 +178,11 @@ def payloads(cell: Cell, seed: int = 0, bentoml: bool = False) -> Payloads:
     return Payloads(bodies, headers, expect)
 
 
+def _column(shape: list[int]) -> list[int]:
+    """``[n, 1]`` read as ``[n]``: MLServer's and Triton's way to return a 1-D output."""
+    return shape[:1] if len(shape) == 2 and shape[1] == 1 else shape
+
+
 def check_response(url: str, cell: Cell, load: Payloads) -> None:
     """One request before the load: the server must answer the cell's request correctly."""
     r = httpx.post(url, content=load.bodies[0], headers=load.headers, timeout=30)
@@ -191,7 +200,7 @@ def check_response(url: str, cell: Cell, load: Payloads) -> None:
     if "" in load.expect:  # BentoML: a bare (n, 10) array
         got = {"": list(np.asarray(doc).shape)}
     else:
-        got = {o["name"]: o["shape"] for o in doc["outputs"]}
+        got = {o["name"]: _column(o["shape"]) for o in doc["outputs"]}
     if got != load.expect:
         raise RuntimeError(f"{cell.id} at {url}: outputs {got}, expected {load.expect}")
 
@@ -236,6 +245,8 @@ class Options:
     zoo: Path
     quick: bool
     concurrency: tuple[int, ...] = CONCURRENCY
+    #: the servers measured, slimserve first
+    servers: tuple[str, ...] = SERVERS
 
 
 def ceiling_seconds(opts: Options) -> tuple[float, float]:
@@ -298,6 +309,20 @@ def run_phase(
         server.stop()
 
 
+def baseline(kind: str, repo: Path, model: str, work: Path, log: Path) -> ServerProcess:
+    """The server of ``kind`` serving ``model`` alone (not started); a peer's virtual
+    environment is made first when it is missing."""
+    if kind == FASTAPI:
+        return fastapi_baseline(repo, model, log)
+    if kind in BENTOML_SERVICES:
+        return bentoml_baseline(repo, model, kind, work, log)
+    if kind in LOCAL_SERVERS:
+        raise ValueError(f"{kind} is not a baseline")
+    from loadtest.serving import peers
+
+    return peers.peer(kind, repo, model, work, log)
+
+
 def ceiling_targets() -> list[str]:
     """Every model and compressed variant with an in-process ceiling, as ``name@variant``."""
     return [m for m in (CNN, MLP)] + [f"{m}@{v}" for m, vs in VARIANTS.items() for v in vs]
@@ -330,7 +355,8 @@ class _Round:
 
     def run(self, r: int) -> None:
         """Repeat ``r``: every server in turn, starting one further along than the last."""
-        order = SERVERS[r % len(SERVERS) :] + SERVERS[: r % len(SERVERS)]
+        kinds = self.opts.servers
+        order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
         print(f"repeat {r + 1} of {self.opts.repeats}: {', '.join(order)}", flush=True)
         logs = self.opts.out / "logs"
         for kind in order:
@@ -344,10 +370,7 @@ class _Round:
             for model in (CNN, MLP):
                 cells = [c for c in self.cells if kind in c.servers and c.model == model]
                 log = logs / f"{kind}-{model}-{r}.log"
-                if kind == FASTAPI:
-                    server = fastapi_baseline(self.repo, model, log)
-                else:
-                    server = bentoml_baseline(self.repo, model, kind, self.work, log)
+                server = baseline(kind, self.repo, model, self.work, log)
                 self.servers.append(server)
                 run_phase(server, cells, self.opts, self.results)
 
@@ -358,7 +381,7 @@ def measure(
     """Every repeat of every cell and ceiling against the benchmark repository ``repo``;
     returns what results.json holds under ``cells`` and ``ceilings``. Each server started is
     appended to ``servers`` (so that the caller can stop and record it whatever happens)."""
-    all_cells = sweep_cells(opts.concurrency)
+    all_cells = sweep_cells(opts.concurrency, opts.servers)
     results: dict[str, list[LoadResult]] = {f"{s}|{c.id}": [] for c in all_cells for s in c.servers}
     ceilings: dict[str, dict[int, list[float]]] = {
         t: {b: [] for b in CEILING_BATCHES} for t in ceiling_targets()
@@ -425,7 +448,7 @@ def budget(opts: Options, cells: list[Cell]) -> dict[str, Any]:
     load_s = cell_runs * (opts.warmup_seconds + opts.cell_seconds) * opts.repeats
     targets = 2 + sum(len(v) for v in VARIANTS.values())
     ceiling_s = targets * len(CEILING_BATCHES) * sum(ceiling_seconds(opts)) * opts.repeats
-    starts = {SLIMSERVE: 1} | {k: 2 for k in SERVERS if k != SLIMSERVE}  # baselines: per model
+    starts = {k: 1 if k == SLIMSERVE else 2 for k in opts.servers}  # baselines: per model
     start_s = opts.repeats * sum(n * START_SECONDS_ESTIMATE[k] for k, n in starts.items())
     startup_s = (1 if opts.quick else 2) * 15.0 if opts.startup else 0.0
     return {

@@ -14,15 +14,7 @@ from typing import Any
 import orjson
 
 from loadtest.serving.cells import BINARY_BATCH, BINARY_CELL, Cell, headline_concurrency
-from loadtest.serving.servers import (
-    BENTOML_BATCHED,
-    BENTOML_PLAIN,
-    CNN,
-    FASTAPI,
-    MLP,
-    SERVERS,
-    SLIMSERVE,
-)
+from loadtest.serving.servers import CNN, FASTAPI, MLP, SERVERS, SLIMSERVE
 
 __all__ = ["headline", "markdown", "plot", "served_vs_ceiling", "write"]
 
@@ -38,28 +30,36 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
+def _servers(doc: dict[str, Any]) -> tuple[str, ...]:
+    """The servers this run measured, slimserve first."""
+    return tuple(doc["meta"].get("servers", SERVERS))
+
+
 def headline(doc: dict[str, Any]) -> dict[str, Any]:
     """The numbers a reader wants first: slimserve's req/s over each baseline's at c=64 (or
     the highest concurrency measured), per model, and the binary cell against the ceiling."""
     sweep = doc["meta"]["concurrency"]
     c = headline_concurrency(sweep)
-    s = SLIMSERVE
-    ratios, p99 = {}, {}
+    s, servers = SLIMSERVE, _servers(doc)
+    ratios, p99, cpu = {}, {}, {}
     for model in (CNN, MLP):
         cell = Cell(model, "json", c)
         mine = _cell(doc, cell, s)["req_per_s"]
-        ratios[model] = {k: _ratio(mine, _cell(doc, cell, k)["req_per_s"]) for k in SERVERS[1:]}
-        p99[model] = {k: _cell(doc, cell, k)["p99_ms"] for k in SERVERS}
+        ratios[model] = {k: _ratio(mine, _cell(doc, cell, k)["req_per_s"]) for k in servers[1:]}
+        p99[model] = {k: _cell(doc, cell, k)["p99_ms"] for k in servers}
+        cpu[model] = {k: _cell(doc, cell, k)["server_cpu_us_per_request"] for k in servers}
     c1 = min(sweep)
+    p50 = {k: _cell(doc, Cell(CNN, "json", c1), k)["p50_ms"] for k in servers}
     startup = doc["startup"]
     return {
         "concurrency": c,
         "req_per_s_ratio": ratios,
         "p99_ms": p99,
-        "cnn_p50_ms_at_lowest_concurrency": {
-            "concurrency": c1,
-            **{k: _cell(doc, Cell(CNN, "json", c1), k)["p50_ms"] for k in SERVERS},
-        },
+        "server_cpu_us_per_request": cpu,
+        "cnn_p50_ms_at_lowest_concurrency": {"concurrency": c1, **p50},
+        "cnn_p50_ratio_to_fastapi_at_lowest_concurrency": (
+            _ratio(p50[s], p50[FASTAPI]) if FASTAPI in p50 else None
+        ),
         "binary_samples_per_s": _cell(doc, BINARY_CELL, s)["samples_per_s"],
         "binary_percent_of_ceiling": 100
         * _ratio(
@@ -74,7 +74,7 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
             s: _cell(doc, Cell(MLP, "json", c), s)["worker_rss_mib"],
             **{
                 f"{k} ({m})": _cell(doc, Cell(m, "json", c), k)["worker_rss_mib"]
-                for k in SERVERS[1:]
+                for k in servers[1:]
                 for m in (CNN, MLP)
             },
         },
@@ -114,7 +114,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[str]:
     ):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
         for ax, model in zip(axes, (CNN, MLP), strict=True):
-            for server in SERVERS:
+            for server in _servers(doc):
                 rows = sorted(
                     (c for c in json_cells if c["model"] == model and c["server"] == server),
                     key=lambda c: c["concurrency"],
@@ -164,13 +164,15 @@ def _table(doc: dict[str, Any]) -> list[str]:
         f"{meta['cell_seconds']} s per cell after {meta['warmup_seconds']} s warm-up, "
         f"{meta['repeats']} repeat(s), medians; client and server share the machine; "
         f"{meta['wall_seconds']} s in all. "
-        "CPU % is of one core (200 = both of 2); RSS is the process that runs the models "
-        "(BentoML's worker; uvicorn's process for FastAPI). BentoML baselines answer "
+        "CPU % is of one core (200 = both of 2); server CPU per request and per sample is "
+        "utime + stime of every server process over the cell over the answered requests; "
+        "RSS is the process that runs the models (slimserve's or BentoML's worker; the whole "
+        "process tree for the others). BentoML baselines answer "
         '`POST /predict` with `{"x": [[...]]}`; the others speak v2 JSON.',
         "",
         "| cell | server | req/s | samples/s | p50 ms | p95 ms | p99 ms | errors "
-        "| server CPU % | worker RSS MiB | client CPU % |",
-        "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|",
+        "| server CPU % | server CPU us/request | us/sample | worker RSS MiB | client CPU % |",
+        "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
     for c in doc.get("cells", []):
         m = c["median"]
@@ -178,7 +180,9 @@ def _table(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {c['id']} | {c['server']} | {_fmt(m['req_per_s'])} | {_fmt(m['samples_per_s'])} "
             f"| {_fmt(m['p50_ms'], 2)} | {_fmt(m['p95_ms'], 2)} | {_fmt(m['p99_ms'], 2)} "
-            f"| {errors} | {_fmt(m['server_cpu_percent'], 0)} | {_fmt(m['worker_rss_mib'])} "
+            f"| {errors} | {_fmt(m['server_cpu_percent'], 0)} "
+            f"| {_fmt(m['server_cpu_us_per_request'], 0)} "
+            f"| {_fmt(m['server_cpu_us_per_sample'], 1)} | {_fmt(m['worker_rss_mib'])} "
             f"| {_fmt(m['client_cpu_percent'], 0)} |"
         )
     return lines
@@ -191,19 +195,22 @@ def _headline_lines(doc: dict[str, Any], h: dict[str, Any]) -> list[str]:
     lines = ["", "## Headline", ""]
     for model in (CNN, MLP):
         r = h["req_per_s_ratio"][model]
-        lines.append(
-            f"- req/s slimserve / FastAPI, {model} JSON c={c}: **{_fmt(r[FASTAPI], 2)}x**; "
-            f"/ BentoML plain **{_fmt(r[BENTOML_PLAIN], 2)}x**; "
-            f"/ BentoML batched **{_fmt(r[BENTOML_BATCHED], 2)}x**"
-        )
+        ratios = "; ".join(f"/ {k} **{_fmt(v, 2)}x**" for k, v in r.items())
+        lines.append(f"- req/s slimserve {ratios} ({model} JSON c={c})")
+    for model in (CNN, MLP):
+        per = h["server_cpu_us_per_request"][model]
+        us = ", ".join(f"{k} {_fmt(v, 0)}" for k, v in per.items())
+        lines.append(f"- server CPU us per request at c={c} ({model} JSON): {us}")
     for model in (CNN, MLP):
         p99 = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in h["p99_ms"][model].items())
         lines.append(f"- p99 ms at c={c} ({model} JSON): {p99}")
     low = dict(h["cnn_p50_ms_at_lowest_concurrency"])
     c1 = low.pop("concurrency")
     p50 = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in low.items())
+    vs = h.get("cnn_p50_ratio_to_fastapi_at_lowest_concurrency")
     lines += [
-        f"- p50 ms at c={c1} ({CNN} JSON): {p50}",
+        f"- p50 ms at c={c1} ({CNN} JSON): {p50}"
+        + (f"; slimserve / FastAPI **{_fmt(vs, 2)}x**" if vs is not None else ""),
         f"- binary {MLP}, {BINARY_BATCH} samples/request, c=8: "
         f"{_fmt(h['binary_samples_per_s'], 0)} samples/s = "
         f"**{_fmt(h['binary_percent_of_ceiling'])}%** of in-process onnxruntime "

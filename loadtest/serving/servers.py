@@ -37,7 +37,11 @@ __all__ = [
     "CNN",
     "DEFAULT_ZOO",
     "FASTAPI",
+    "KSERVE",
+    "LOCAL_SERVERS",
     "MLP",
+    "MLSERVER",
+    "PYTRITON",
     "MLP_SHAPE",
     "ROOT",
     "SERVERS",
@@ -61,12 +65,25 @@ CNN, MLP = "digits-cnn", "mlp-2048"
 MLP_SHAPE = (784, 2048, 2048, 10)
 SLIMSERVE, FASTAPI = "slimserve", "fastapi"
 BENTOML_PLAIN, BENTOML_BATCHED = "bentoml-plain", "bentoml-batched"
-SERVERS = (SLIMSERVE, FASTAPI, BENTOML_PLAIN, BENTOML_BATCHED)
+#: peers, each in a virtual environment of its own (``loadtest.serving.peers``)
+MLSERVER, KSERVE, PYTRITON = "mlserver", "kserve", "pytriton"
+#: every server the benchmark knows; slimserve first (the ratios are slimserve over the others)
+SERVERS = (SLIMSERVE, FASTAPI, BENTOML_PLAIN, BENTOML_BATCHED, MLSERVER, KSERVE, PYTRITON)
+#: the ones that need nothing beyond the project's own environment
+LOCAL_SERVERS = (SLIMSERVE, FASTAPI, BENTOML_PLAIN, BENTOML_BATCHED)
 BENTOML_SERVICES = {BENTOML_PLAIN: "Plain", BENTOML_BATCHED: "Batched"}
 #: compressed variants with slimserve cells of their own (and in-process ceilings)
 VARIANTS = {CNN: ("int8-static", "pruned"), MLP: ("int8-dynamic", "int8-static")}
 READY_PATH = "/v2/health/ready"
-START_SECONDS_ESTIMATE = {SLIMSERVE: 6.0, FASTAPI: 3.0, BENTOML_PLAIN: 4.0, BENTOML_BATCHED: 4.0}
+START_SECONDS_ESTIMATE = {
+    SLIMSERVE: 6.0,
+    FASTAPI: 3.0,
+    BENTOML_PLAIN: 4.0,
+    BENTOML_BATCHED: 4.0,
+    MLSERVER: 3.0,
+    KSERVE: 2.0,
+    PYTRITON: 5.0,
+}
 DEFAULT_ZOO = ROOT / "models"  # the default repository
 
 
@@ -255,8 +272,8 @@ class ServerProcess:
         for p in self.tree():
             with contextlib.suppress(psutil.Error):
                 procs.append((p.pid, " ".join(p.cmdline()), p.memory_info().rss))
-        workers = [rss for _, cmd, rss in procs if "worker" in cmd]  # BentoML's workers
-        if self.kind == FASTAPI or not workers:
+        workers = [rss for _, cmd, rss in procs if "worker" in cmd]  # BentoML's, slimserve's
+        if self.kind not in (SLIMSERVE, *BENTOML_SERVICES) or not workers:
             workers = [rss for _, _, rss in procs]
         mib = 1024 * 1024
         return {
@@ -319,12 +336,19 @@ def stop_live() -> None:
 
 
 def slimserve(
-    repo: Path, work: Path, log: Path, checkout: Path = ROOT, kind: str = SLIMSERVE
+    repo: Path,
+    work: Path,
+    log: Path,
+    checkout: Path = ROOT,
+    kind: str = SLIMSERVE,
+    settings: dict[str, str] | None = None,
 ) -> ServerProcess:
-    """``python -m service`` of ``checkout`` (this one, or another for before/after runs)."""
+    """``python -m service`` of ``checkout`` (this one, or another for before/after runs),
+    with ``settings`` (``SLIMSERVE_*`` variables) over this process's environment."""
     port = free_port()
     env = {
         **os.environ,
+        **(settings or {}),
         "SLIMSERVE_MODEL_REPOSITORY": str(repo),
         "SLIMSERVE_HOST": "127.0.0.1",
         "SLIMSERVE_PORT": str(port),

@@ -64,7 +64,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "loadtest.serving", "--quick", "--skip-startup"]
     cmd += ["--cell-seconds", "0.3", "--warmup-seconds", "0.1", "--concurrency", "1,4"]
-    cmd += ["--out", str(out)]
+    cmd += ["--out", str(out), "--servers", ",".join(SERVERS[1:])]  # the peers: make bench
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
@@ -79,6 +79,9 @@ def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
         assert m["ok"] > 0 and m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"], cell["id"]
         assert all(isinstance(v, int) and v > 0 for v in m["errors"].values()), m["errors"]
         assert m["requests"] == m["ok"] + sum(m["errors"].values()), cell["id"]
+        assert m["server_cpu_us_per_request"] > 0, cell["id"]
+        per_sample = m["server_cpu_us_per_request"] / cell["samples_per_request"]
+        assert abs(m["server_cpu_us_per_sample"] - per_sample) < 1e-6 * per_sample
         for run in cell["runs"]:
             assert run["requests"] == run["ok"] + sum(run["errors"].values())
             assert "200" not in run["errors"]
@@ -93,6 +96,9 @@ def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
     assert doc["headline"]["concurrency"] == 4
     for model in ("digits-cnn", "mlp-2048"):
         assert set(doc["headline"]["req_per_s_ratio"][model]) == set(SERVERS[1:])
+        assert set(doc["headline"]["server_cpu_us_per_request"][model]) == set(SERVERS)
+    assert doc["headline"]["cnn_p50_ratio_to_fastapi_at_lowest_concurrency"] > 0
+    assert doc["meta"]["servers"] == list(SERVERS)
 
 
 def test_markdown_report_has_the_table_and_headline(bench) -> None:
@@ -103,7 +109,9 @@ def test_markdown_report_has_the_table_and_headline(bench) -> None:
     assert text.count("| slimserve |") == 9 and text.count("| fastapi |") == 4
     assert "| digits-cnn@pruned |" in text  # the served / in-process table
     assert text.count("| bentoml-plain |") == 4 and text.count("| bentoml-batched |") == 4
-    assert "/ BentoML plain" in text and "/ BentoML batched" in text
+    assert "/ bentoml-plain **" in text and "/ bentoml-batched **" in text
+    assert "server CPU us/request" in text and "server CPU us per request at c=4" in text
+    assert "slimserve / FastAPI **" in text
 
 
 def test_both_plots_are_png_files_next_to_the_results(bench) -> None:
