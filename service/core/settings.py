@@ -6,16 +6,25 @@ SLIMSERVE_MAX_BATCH_SIZE=32 make serve``.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .policies import Traffic, VersionPolicy
 
-__all__ = ["Settings", "ModelServing", "get_settings"]
+__all__ = ["Settings", "ModelServing", "get_settings", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity; a container's cpuset counts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -25,7 +34,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(3000, ge=1, le=65535, description="Port the server listens on.")
-    workers: int = Field(1, ge=1, description="BentoML worker processes (1 is best on 2 cores).")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Worker processes, or auto: one per two CPUs this process may use (at least "
+        "one). With more than one, each worker's onnxruntime sessions get the CPUs divided "
+        "between them unless intra_op_threads is set.",
+    )
     model_repository: Path = Field(Path("models"), description="The model repository folder.")
     load_variants: bool = Field(
         True,
@@ -59,6 +73,14 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How long a batch may wait for more requests. 0: take whatever queued "
         "while the previous batch ran (no added latency at low load).",
+    )
+    inline_run_us: float = Field(
+        400.0,
+        ge=0.0,
+        description="A batch whose measured onnxruntime time is expected under this many "
+        "microseconds runs on the event loop's thread instead of the model's onnxruntime "
+        "thread: for a tiny model the hop between threads costs more than the model (measured "
+        "1.4x req/s at one client on the digits CNN). 0: always the onnxruntime thread.",
     )
     max_queue_size: int = Field(
         2048, ge=1, description="Most samples waiting per model; beyond it requests get 503."
@@ -158,8 +180,20 @@ class Settings(BaseSettings):
         return None
 
     def worker_count(self) -> int:
-        """How many worker processes to start."""
+        """How many worker processes to start: ``workers``, or for ``auto`` one per two CPUs
+        (one for the event loop and JSON, one for onnxruntime; measured in
+        ``loadtest/published/*-workers.md``)."""
+        if self.workers == "auto":
+            return max(1, usable_cpus() // 2)
         return self.workers
+
+    def session_threads(self) -> int:
+        """onnxruntime intra-op threads per session: ``intra_op_threads``; when that is 0
+        (onnxruntime decides) and there are several workers, the usable CPUs divided between
+        them, so that N workers do not each start a thread per core."""
+        if self.intra_op_threads or self.worker_count() == 1:
+            return self.intra_op_threads
+        return max(1, usable_cpus() // self.worker_count())
 
 
 class ModelServing(BaseModel):

@@ -74,6 +74,7 @@ class DynamicBatcher:
         retry_after_s: int = 1,
         splittable: bool = True,
         observer: BatchObserver | None = None,
+        inline_run_s: float = 0.0,
     ) -> None:
         self._run = run
         self.label = label
@@ -93,6 +94,9 @@ class DynamicBatcher:
         #: deadline
         self._seconds_per_sample = 0.0
         self._running = False  # a batch is in onnxruntime now
+        #: a batch expected to take less than this runs on the event loop's own thread: for a
+        #: tiny model the hop to the onnxruntime thread and back costs more than the run
+        self.inline_run_s = inline_run_s
 
     @property
     def queued_samples(self) -> int:
@@ -150,9 +154,7 @@ class DynamicBatcher:
             trace.batched = trace.enqueued
             traces.append(trace)
         try:
-            outputs, seconds, started = await loop.run_in_executor(
-                self._executor, self._timed, feeds
-            )
+            outputs, seconds, started = await self._execute(feeds, samples, loop)
         except ServingError:
             raise
         except Exception as exc:  # onnxruntime failed on valid input: a server fault
@@ -167,6 +169,16 @@ class DynamicBatcher:
             trace.run_start, trace.run_end = started, started + int(seconds * 1e9)
             trace.batch_samples = samples
         return outputs
+
+    async def _execute(
+        self, feeds: Feeds, samples: int, loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[np.ndarray], float, int]:
+        """``_timed(feeds)`` in the onnxruntime thread, or right here when the model's measured
+        time says the batch takes less than ``inline_run_s`` (never before a first measure)."""
+        expected = samples * self._seconds_per_sample
+        if 0.0 < expected < self.inline_run_s:
+            return self._timed(feeds)
+        return await loop.run_in_executor(self._executor, self._timed, feeds)
 
     def _observe(self, samples: int, seconds: float) -> None:
         self.observer.batch(samples, seconds)
@@ -304,9 +316,7 @@ class DynamicBatcher:
         samples = sum(it.samples for it in batch)
         self._running = True
         try:
-            outputs, seconds, started = await loop.run_in_executor(
-                self._executor, self._timed, merged
-            )
+            outputs, seconds, started = await self._execute(merged, samples, loop)
         except ServingError as exc:
             for item in batch:
                 if not item.future.done():

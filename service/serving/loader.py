@@ -116,6 +116,7 @@ class VersionLoader:
         self.repository = repository
         self.settings = settings
         self.options = RuntimeOptions.from_settings(settings)
+        self.options.intra_op_threads = settings.session_threads()  # divided between workers
 
     def load(self, name: str, version: int) -> LoadedVersion:
         """``name`` at ``version``, checked and warmed up, or refused with the reason."""
@@ -232,6 +233,7 @@ class VersionLoader:
             max_queue_delay_s=max_queue_delay_s,
             max_queue_size=max_queue_size,
             retry_after_s=self.settings.retry_after_s,
+            inline_run_s=self.settings.inline_run_us / 1e6,
             splittable=splittable,
             observer=BatchObserver(queue_wait=queue.observe, batch=on_batch),
         )

@@ -247,3 +247,63 @@ def test_a_full_queue_is_refused_before_the_request_is_read() -> None:
         batcher.check_room(10.0)  # drained: room again
 
     asyncio.run(main())
+
+
+class ThreadRecorder(Recorder):
+    """Records which thread each call ran on."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.threads: list[str] = []
+
+    def __call__(self, feeds):
+        self.threads.append(threading.current_thread().name)
+        return super().__call__(feeds)
+
+
+def test_a_tiny_model_runs_on_the_loop_once_measured_and_a_slow_one_never() -> None:
+    fast, slow = ThreadRecorder(), ThreadRecorder(delay=0.003)
+    tiny = DynamicBatcher(fast, "tiny", inline_run_s=0.002)
+    heavy = DynamicBatcher(slow, "heavy", inline_run_s=0.002)
+    x = np.ones((1, 3), np.float32)
+
+    async def main() -> list[str]:
+        loop_thread = threading.current_thread().name
+        for batcher in (tiny, heavy):
+            for _ in range(4):
+                doubled, _ = await batcher.infer({"x": x}, 1, 10.0)
+                assert np.array_equal(doubled, x * 2)
+        # concurrent requests: batched as before, on whichever thread the estimate says
+        results = await asyncio.gather(*(tiny.infer({"x": x * i}, 1, 10.0) for i in range(50)))
+        assert [float(r[0][0, 0]) for r in results] == [2.0 * i for i in range(50)]
+        return [loop_thread]
+
+    [loop_thread] = asyncio.run(main())
+    assert fast.threads[0].startswith("ort-tiny")  # no measure yet: the thread
+    assert set(fast.threads[1:]) == {loop_thread}  # measured as tiny: the loop's own thread
+    assert all(t.startswith("ort-heavy") for t in slow.threads)
+
+
+def test_inline_runs_keep_failures_apart() -> None:
+    calls = 0
+
+    def flaky(feeds):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("boom")
+        return [feeds["x"]]
+
+    batcher = DynamicBatcher(flaky, "m", inline_run_s=1.0)
+    x = np.ones((1, 3), np.float32)
+
+    async def main() -> list[object]:
+        out: list[object] = []
+        for _ in range(5):
+            try:
+                out.append((await batcher.infer({"x": x}, 1, 10.0))[0].shape)
+            except Exception as exc:  # noqa: BLE001 - recorded and checked below
+                out.append(type(exc).__name__)
+        return out
+
+    assert asyncio.run(main()) == [(1, 3), (1, 3), "InferenceFailed", (1, 3), (1, 3)]
