@@ -3,9 +3,9 @@
 ``load()`` opens an onnxruntime session on the file named by the model settings'
 ``parameters.uri`` (``loadtest.baselines.session``: slimserve's session settings, as every
 baseline); ``predict()`` decodes the v2 inputs with MLServer's ``NumpyCodec``, runs the session
-and encodes each output under its ONNX name. ``mlserver start <folder>`` serves it, with ``settings.json``
-and ``model-settings.json`` in the folder (``loadtest.serving.peers`` writes them), in a virtual
-environment of its own.
+and encodes each output under its ONNX name. ``mlserver start <folder>`` serves it, with
+``settings.json`` and ``model-settings.json`` in the folder (``loadtest.serving.peers`` writes
+them), in a virtual environment of its own.
 """
 
 from __future__ import annotations
