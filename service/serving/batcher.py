@@ -124,7 +124,10 @@ class DynamicBatcher:
             return await self._infer_split(feeds, samples, deadline, gone, traces)
         self._admit(samples, deadline - loop.time())
         if not self._queue and not self._running and not self.max_queue_delay_s:
-            return await self._run_now(feeds, samples, loop, traces)
+            if not self._inline(samples):
+                return await self._run_now(feeds, samples, loop, traces)
+            if await self._alone():
+                return await self._run_now(feeds, samples, loop, traces, inline=True)
         item = _Item(
             feeds, samples, loop.create_future(), deadline, loop.time(), _shape_key(feeds), gone
         )
@@ -136,12 +139,25 @@ class DynamicBatcher:
         self._ensure_worker()
         return await item.future
 
+    async def _alone(self) -> bool:
+        """Whether a request for a tiny model is alone after one turn of the event loop: the
+        requests that arrived with it queue meanwhile (``_running`` holds them back), and when
+        there are any it joins them in a batch, since running each on the loop in turn would
+        leave nothing to batch."""
+        self._running = True
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._running = False
+        return not self._queue
+
     async def _run_now(
         self,
         feeds: Feeds,
         samples: int,
         loop: asyncio.AbstractEventLoop,
         traces: list[Trace] | None,
+        inline: bool = False,
     ) -> list[np.ndarray]:
         """Nothing queued and nothing running: this request runs at once, without the batching
         task's hop (a lone client pays no more than a thread hop). What queues meanwhile is
@@ -154,7 +170,12 @@ class DynamicBatcher:
             trace.batched = trace.enqueued
             traces.append(trace)
         try:
-            outputs, seconds, started = await self._execute(feeds, samples, loop)
+            if inline:  # a tiny model, nothing else waiting: no hop to the onnxruntime thread
+                outputs, seconds, started = self._timed(feeds)
+            else:
+                outputs, seconds, started = await loop.run_in_executor(
+                    self._executor, self._timed, feeds
+                )
         except ServingError:
             raise
         except Exception as exc:  # onnxruntime failed on valid input: a server fault
@@ -170,15 +191,12 @@ class DynamicBatcher:
             trace.batch_samples = samples
         return outputs
 
-    async def _execute(
-        self, feeds: Feeds, samples: int, loop: asyncio.AbstractEventLoop
-    ) -> tuple[list[np.ndarray], float, int]:
-        """``_timed(feeds)`` in the onnxruntime thread, or right here when the model's measured
-        time says the batch takes less than ``inline_run_s`` (never before a first measure)."""
+    def _inline(self, samples: int) -> bool:
+        """Whether ``samples``, alone, may run on the event loop's thread: the model's measured
+        time says under ``inline_run_s`` (never before a first measure). Batches always run
+        in the onnxruntime thread, so that the loop reads the next requests meanwhile."""
         expected = samples * self._seconds_per_sample
-        if 0.0 < expected < self.inline_run_s:
-            return self._timed(feeds)
-        return await loop.run_in_executor(self._executor, self._timed, feeds)
+        return 0.0 < expected < self.inline_run_s
 
     def _observe(self, samples: int, seconds: float) -> None:
         self.observer.batch(samples, seconds)
@@ -316,7 +334,9 @@ class DynamicBatcher:
         samples = sum(it.samples for it in batch)
         self._running = True
         try:
-            outputs, seconds, started = await self._execute(merged, samples, loop)
+            outputs, seconds, started = await loop.run_in_executor(
+                self._executor, self._timed, merged
+            )
         except ServingError as exc:
             for item in batch:
                 if not item.future.done():

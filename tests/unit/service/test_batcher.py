@@ -273,14 +273,18 @@ def test_a_tiny_model_runs_on_the_loop_once_measured_and_a_slow_one_never() -> N
             for _ in range(4):
                 doubled, _ = await batcher.infer({"x": x}, 1, 10.0)
                 assert np.array_equal(doubled, x * 2)
-        # concurrent requests: batched as before, on whichever thread the estimate says
+        # concurrent requests: still batched (running each at once on the loop would leave
+        # nothing to batch), and batches run in the onnxruntime thread
+        before = len(fast.calls)
         results = await asyncio.gather(*(tiny.infer({"x": x * i}, 1, 10.0) for i in range(50)))
         assert [float(r[0][0, 0]) for r in results] == [2.0 * i for i in range(50)]
+        assert len(fast.calls) - before < 5 and sum(fast.calls[before:]) == 50
+        assert all(t.startswith("ort-tiny") for t in fast.threads[before:])
         return [loop_thread]
 
     [loop_thread] = asyncio.run(main())
     assert fast.threads[0].startswith("ort-tiny")  # no measure yet: the thread
-    assert set(fast.threads[1:]) == {loop_thread}  # measured as tiny: the loop's own thread
+    assert set(fast.threads[1:4]) == {loop_thread}  # measured as tiny, alone: the loop's thread
     assert all(t.startswith("ort-heavy") for t in slow.threads)
 
 

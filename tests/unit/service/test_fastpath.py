@@ -57,3 +57,20 @@ def test_response_bytes_is_one_well_formed_http_answer() -> None:
     closing = response_bytes(413, b"{}", {}, [], keep_alive=False)
     assert closing.startswith(b"HTTP/1.1 413 Payload Too Large\r\n")
     assert b"connection: close\r\n" in closing
+
+
+def test_the_worker_runs_uvloop_and_httptools_with_the_fast_path() -> None:
+    """Issue 15 asked which HTTP stack the worker really runs: uvicorn with uvloop and
+    slimserve's protocol, which is httptools' with the fast path on top (not h11/asyncio)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from service.core.settings import Settings
+    from service.server.connections import GuardedHttpProtocol
+    from service.server.worker import _uvicorn_config
+
+    config = _uvicorn_config(object(), Settings(max_body_bytes=1234))
+    assert config.loop == "uvloop"
+    assert isinstance(config.http, type) and issubclass(config.http, GuardedHttpProtocol)
+    assert issubclass(config.http, HttpToolsProtocol)
+    assert config.http.max_body_bytes == 1234
+    assert config.access_log is False
