@@ -24,6 +24,8 @@ help:
 	@echo "make batch    score a 10,000-row sample file with python -m service.batch (BATCH_ARGS)"
 	@echo "make bench-batch  batch job vs in-process onnxruntime on 1,000,000 rows (about 3 min)"
 	@echo "make bench-overload   slimserve offered 4x its capacity (about 1 min)"
+	@echo "make bench-workers    1 and N workers, onnxruntime threads, auto (about 6 min)"
+	@echo "make profile  py-spy flame graph of the worker under the CNN JSON c=64 load (1 min)"
 	@echo "make soak     mixed traffic for SOAK_MINUTES (5), memory and descriptors over time"
 	@echo "make lint     ruff, ruff format --check, mypy"
 

@@ -66,6 +66,7 @@ __all__ = [
     "measure",
     "measure_startup",
     "ort_ceiling",
+    "ort_ceiling_cost",
     "payloads",
     "run_phase",
     "summarise",
@@ -212,6 +213,14 @@ def check_response(url: str, cell: Cell, load: Payloads) -> None:
 def ort_ceiling(model_path: Path, batch: int, warmup_s: float, duration_s: float) -> float:
     """Samples/s of back-to-back ``run()`` calls in this process, with slimserve's session
     settings (the same ``SLIMSERVE_*`` environment the server gets)."""
+    return ort_ceiling_cost(model_path, batch, warmup_s, duration_s)[0]
+
+
+def ort_ceiling_cost(
+    model_path: Path, batch: int, warmup_s: float, duration_s: float
+) -> tuple[float, float]:
+    """:func:`ort_ceiling`, and the CPU microseconds per sample it took (this process's
+    CPU time, every onnxruntime thread included): what a sample costs with no server at all."""
     from service.core.runtime import OrtSession, RuntimeOptions
     from service.core.settings import Settings
 
@@ -222,11 +231,12 @@ def ort_ceiling(model_path: Path, batch: int, warmup_s: float, duration_s: float
     end = time.perf_counter() + warmup_s
     while time.perf_counter() < end:
         session.run(feeds)
-    runs, start = 0, time.perf_counter()
+    runs, start, cpu = 0, time.perf_counter(), time.process_time()
     while (now := time.perf_counter()) - start < duration_s:
         session.run(feeds)
         runs += 1
-    return runs * batch / (now - start)
+    spent = time.process_time() - cpu
+    return runs * batch / (now - start), 1e6 * spent / (runs * batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,16 +339,18 @@ def ceiling_targets() -> list[str]:
 
 
 def _ceilings(
-    repo: ModelRepository, opts: Options, ceilings: dict[str, dict[int, list[float]]]
+    repo: ModelRepository,
+    opts: Options,
+    ceilings: dict[str, dict[int, list[tuple[float, float]]]],
 ) -> None:
     """One round of in-process ceilings, every target at every batch size."""
     for target in ceilings:
         name, _, variant = target.partition("@")
         path = repo.get(name).variant_path(variant or "fp32")
         for b in CEILING_BATCHES:
-            value = ort_ceiling(path, b, *ceiling_seconds(opts))
-            ceilings[target][b].append(value)
-            print(f"  in-process {target:24} b{b:<3} {value:10.0f} samples/s")
+            value, cpu = ort_ceiling_cost(path, b, *ceiling_seconds(opts))
+            ceilings[target][b].append((value, cpu))
+            print(f"  in-process {target:24} b{b:<3} {value:10.0f} samples/s  {cpu:7.1f} us/sample")
 
 
 @dataclass
@@ -351,7 +363,7 @@ class _Round:
     cells: list[Cell]
     servers: list[ServerProcess]
     results: dict[str, list[LoadResult]]
-    ceilings: dict[str, dict[int, list[float]]]
+    ceilings: dict[str, dict[int, list[tuple[float, float]]]]
 
     def run(self, r: int) -> None:
         """Repeat ``r``: every server in turn, starting one further along than the last."""
@@ -383,7 +395,7 @@ def measure(
     appended to ``servers`` (so that the caller can stop and record it whatever happens)."""
     all_cells = sweep_cells(opts.concurrency, opts.servers)
     results: dict[str, list[LoadResult]] = {f"{s}|{c.id}": [] for c in all_cells for s in c.servers}
-    ceilings: dict[str, dict[int, list[float]]] = {
+    ceilings: dict[str, dict[int, list[tuple[float, float]]]] = {
         t: {b: [] for b in CEILING_BATCHES} for t in ceiling_targets()
     }
     rounds = _Round(repo, work, opts, all_cells, servers, results, ceilings)
@@ -401,7 +413,14 @@ def measure(
         for s in cell.servers
     ]
     per_target = {
-        t: {str(b): {"runs": runs, "samples_per_s": _median(runs)} for b, runs in per.items()}
+        t: {
+            str(b): {
+                "runs": [r for r, _ in runs],
+                "samples_per_s": _median([r for r, _ in runs]),
+                "cpu_us_per_sample": _median([c for _, c in runs]),
+            }
+            for b, runs in per.items()
+        }
         for t, per in ceilings.items()
     }
     return cells, per_target

@@ -61,6 +61,10 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
             _ratio(p50[s], p50[FASTAPI]) if FASTAPI in p50 else None
         ),
         "binary_samples_per_s": _cell(doc, BINARY_CELL, s)["samples_per_s"],
+        "binary_server_cpu_us_per_sample": _cell(doc, BINARY_CELL, s)["server_cpu_us_per_sample"],
+        "in_process_cpu_us_per_sample_b32": doc["ceilings"][MLP][str(BINARY_BATCH)].get(
+            "cpu_us_per_sample"
+        ),
         "binary_percent_of_ceiling": 100
         * _ratio(
             _cell(doc, BINARY_CELL, s)["samples_per_s"],
@@ -215,7 +219,9 @@ def _headline_lines(doc: dict[str, Any], h: dict[str, Any]) -> list[str]:
         f"{_fmt(h['binary_samples_per_s'], 0)} samples/s = "
         f"**{_fmt(h['binary_percent_of_ceiling'])}%** of in-process onnxruntime "
         f"({_fmt(doc['ceilings'][MLP][str(BINARY_BATCH)]['samples_per_s'], 0)} samples/s "
-        f"at batch {BINARY_BATCH})",
+        f"at batch {BINARY_BATCH}); server CPU per sample "
+        f"{_fmt(h['binary_server_cpu_us_per_sample'])} us, in-process "
+        f"{_fmt(h.get('in_process_cpu_us_per_sample_b32'))} us",
         "",
         f"Served (slimserve, one-sample JSON requests, c={c}) against in-process onnxruntime "
         "(back-to-back `run()`, same session settings, same run):",

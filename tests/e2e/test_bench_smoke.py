@@ -93,6 +93,9 @@ def test_every_cell_is_measured_and_its_errors_add_up(bench) -> None:
     assert set(served) == TARGETS and all(r["percent_of_b32"] > 0 for r in served.values())
     assert doc["startup"] == {"skipped": "--skip-startup"}
     assert doc["headline"]["binary_percent_of_ceiling"] > 0
+    assert doc["headline"]["in_process_cpu_us_per_sample_b32"] > 0
+    for per_batch in doc["ceilings"].values():
+        assert all(v["cpu_us_per_sample"] > 0 for v in per_batch.values())
     assert doc["headline"]["concurrency"] == 4
     for model in ("digits-cnn", "mlp-2048"):
         assert set(doc["headline"]["req_per_s_ratio"][model]) == set(SERVERS[1:])
