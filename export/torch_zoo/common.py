@@ -8,7 +8,7 @@ import contextlib
 import copy
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,20 @@ def export_module(
     input_names: Sequence[str],
     output_names: Sequence[str],
     path: Path,
+    shared_axes: Mapping[int, str] | None = None,
 ) -> None:
-    """Export ``module`` with the dynamo exporter, batch axis dynamic on every input.
+    """Export ``module`` with the dynamo exporter, batch axis dynamic on every input, and each
+    axis of ``shared_axes`` (index -> name, e.g. ``{1: "sequence"}``) dynamic too, one size
+    shared by every input.
 
-    The example batch must be >= 2: torch.export specialises a size-1 axis to a constant.
+    The example batch must be >= 2: torch.export specialises a size-1 axis to a constant (the
+    same holds for the shared axes).
     """
     if any(t.shape[0] < 2 for t in example):
         raise ValueError("export examples need batch >= 2, or the batch axis becomes static")
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    dynamic_shapes = tuple({0: batch} for _ in example)
+    shared = {i: torch.export.Dim(n, min=1, max=1 << 16) for i, n in (shared_axes or {}).items()}
+    dynamic_shapes = tuple({0: batch, **shared} for _ in example)
     # the exporter logs a warning per optional torchvision op on every call
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
