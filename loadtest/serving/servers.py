@@ -226,6 +226,17 @@ class ServerProcess:
             start_new_session=True,
         )
         _LIVE.append(self)
+        try:
+            if self._wait_ready(timeout_s):
+                return self
+        except BaseException:  # anything, Ctrl-C included: leave nothing running
+            self.stop()
+            raise
+        self.stop()
+        raise RuntimeError(f"{self.kind} not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        assert self.process is not None
         deadline = self.started_at + timeout_s
         with httpx.Client(timeout=1.0) as client:
             while time.perf_counter() < deadline:
@@ -237,10 +248,9 @@ class ServerProcess:
                     if client.get(self.url + self.ready_path).status_code == 200:
                         self.ready_seconds = time.perf_counter() - self.started_at
                         self._remember_tree()
-                        return self
+                        return True
                 time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.kind} not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+        return False
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
