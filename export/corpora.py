@@ -54,9 +54,8 @@ def package_file(package: str, *parts: str) -> Path:
     )
 
 
-def _record(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def _record(name: str, data: bytes) -> dict[str, Any]:
+    return {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,11 @@ class TextSplit:
 
 
 @cache
-def _read_tab(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(categories, texts)`` of an Orange tab file: three header lines (names, types, flags),
-    then ``category<TAB>text`` rows."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+def _read_tab(path: Path) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]:
+    """``(categories, texts, record)`` of an Orange tab file: three header lines (names,
+    types, flags), then ``category<TAB>text`` rows; the file read once, hashed as read."""
+    data = path.read_bytes()
+    lines = data.decode("utf-8").split("\n")
     names = lines[0].split("\t")
     if names[:2] != ["Category", "Text"]:
         raise ValueError(f"{path}: expected the columns Category, Text; got {names}")
@@ -92,7 +92,7 @@ def _read_tab(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise ValueError(f"{path}:{number}: expected category<TAB>text")
         categories.append(category)
         texts.append(text.strip())
-    return tuple(categories), tuple(texts)
+    return tuple(categories), tuple(texts), _record(path.name, data)
 
 
 def text_corpus(corpus: str, split: str) -> TextSplit:
@@ -105,13 +105,13 @@ def text_corpus(corpus: str, split: str) -> TextSplit:
     stem = CORPORA[corpus]
     names = sorted(set(_read_tab(_tab(stem, "train"))[0]))
     path = _tab(stem, split)
-    categories, texts = _read_tab(path)
+    categories, texts, record = _read_tab(path)
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(categories) - set(index))
     if unknown:
         raise ValueError(f"{path}: categories {unknown} are not in the train split")
     labels = np.array([index[c] for c in categories], dtype=np.int64)
-    return TextSplit(corpus, split, list(texts), labels, names, _record(path))
+    return TextSplit(corpus, split, list(texts), labels, names, record)
 
 
 def _tab(stem: str, split: str) -> Path:
@@ -131,8 +131,9 @@ class SeriesData:
 def sunspots() -> SeriesData:
     """Monthly mean relative sunspot numbers, 1749-01 to 1983-12 (12 values a line)."""
     path = package_file("pmdarima", "datasets", "data", "sunspots.txt.gz")
-    with gzip.open(path, "rt") as f:
-        values = np.array([float(v) for line in f for v in line.split()], dtype=np.float64)
+    data = path.read_bytes()
+    text = gzip.decompress(data).decode("ascii")
+    values = np.array(text.split(), dtype=np.float64)
     if len(values) != 2820:
         raise ValueError(f"{path}: expected 2,820 monthly values (1749-1983), got {len(values)}")
-    return SeriesData("sunspots", values, "1749-01", _record(path))
+    return SeriesData("sunspots", values, "1749-01", _record(path.name, data))

@@ -15,14 +15,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from loadtest.serving.cells import BINARY_CELL, Cell, Options, run_phase, summarise
-from loadtest.serving.load import LoadResult
+from loadtest.serving.cells import BINARY_CELL, Cell, Options, alternate
 from loadtest.serving.report import results_folder, save
 from loadtest.serving.servers import (
     CNN,
@@ -57,7 +57,6 @@ def run(base: str, opts: Options, head: str | None = None) -> dict[str, Any]:
     for tree, rev in trees.values():
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True)
     labels = {"before": trees["before"][0], "after": trees["after"][0] if head else ROOT}
-    results: dict[str, list[LoadResult]] = {f"{k}|{c.id}": [] for k in labels for c in CELLS}
     doc: dict[str, Any] = {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "loadavg_start": os.getloadavg(),
@@ -68,23 +67,20 @@ def run(base: str, opts: Options, head: str | None = None) -> dict[str, Any]:
         "repeats": opts.repeats,
         "cell_seconds": opts.cell_seconds,
     }
+    repo = work / "models"
+
+    def side(label: str) -> Callable[[Path], ServerProcess]:
+        return lambda log: slimserve(repo, work, log, labels[label], label)
+
     try:
-        repo = work / "models"
         build_repository(repo)
-        for r in range(opts.repeats):
-            order = list(labels) if r % 2 == 0 else list(reversed(labels))
-            print(f"repeat {r + 1} of {opts.repeats}: {', '.join(order)}", flush=True)
-            for label in order:
-                log = opts.out / "logs" / f"{label}-{r}.log"
-                server: ServerProcess = slimserve(repo, work, log, labels[label], label)
-                run_phase(server, CELLS, opts, results)
+        doc["cells"] = alternate(opts, CELLS, {label: side(label) for label in labels})
     finally:
         stop_live()
         for tree, _ in trees.values():
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
         shutil.rmtree(work, ignore_errors=True)
     doc["loadavg_end"] = os.getloadavg()
-    doc["cells"] = {c.id: {k: summarise(results[f"{k}|{c.id}"]) for k in labels} for c in CELLS}
     return doc
 
 

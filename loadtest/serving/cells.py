@@ -17,6 +17,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -57,6 +58,7 @@ __all__ = [
     "QUICK_CONCURRENCY",
     "Cell",
     "Options",
+    "alternate",
     "baseline",
     "budget",
     "ceiling_seconds",
@@ -331,6 +333,22 @@ def baseline(kind: str, repo: Path, model: str, work: Path, log: Path) -> Server
     from loadtest.serving import peers
 
     return peers.peer(kind, repo, model, work, log)
+
+
+def alternate(
+    opts: Options, cells: list[Cell], sides: dict[str, Callable[[Path], ServerProcess]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every side (label -> its server, given a log path) on every cell, ``opts.repeats``
+    times, the order rotated every repeat (flipped, for two sides); returns cell id -> label
+    -> the medians. What differs between the sides is what they set up, not the minute."""
+    labels = list(sides)
+    results: dict[str, list[LoadResult]] = {f"{k}|{c.id}": [] for k in labels for c in cells}
+    for r in range(opts.repeats):
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]
+        print(f"repeat {r + 1} of {opts.repeats}: {' | '.join(order)}", flush=True)
+        for i, label in enumerate(order):
+            run_phase(sides[label](opts.out / "logs" / f"{r}-{i}.log"), cells, opts, results)
+    return {c.id: {k: summarise(results[f"{k}|{c.id}"]) for k in labels} for c in cells}
 
 
 def ceiling_targets() -> list[str]:

@@ -51,6 +51,7 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
     c1 = min(sweep)
     p50 = {k: _cell(doc, Cell(CNN, "json", c1), k)["p50_ms"] for k in servers}
     startup = doc["startup"]
+    binary, ceiling = _cell(doc, BINARY_CELL, s), doc["ceilings"][MLP][str(BINARY_BATCH)]
     return {
         "concurrency": c,
         "req_per_s_ratio": ratios,
@@ -60,16 +61,11 @@ def headline(doc: dict[str, Any]) -> dict[str, Any]:
         "cnn_p50_ratio_to_fastapi_at_lowest_concurrency": (
             _ratio(p50[s], p50[FASTAPI]) if FASTAPI in p50 else None
         ),
-        "binary_samples_per_s": _cell(doc, BINARY_CELL, s)["samples_per_s"],
-        "binary_server_cpu_us_per_sample": _cell(doc, BINARY_CELL, s)["server_cpu_us_per_sample"],
-        "in_process_cpu_us_per_sample_b32": doc["ceilings"][MLP][str(BINARY_BATCH)].get(
-            "cpu_us_per_sample"
-        ),
+        "binary_samples_per_s": binary["samples_per_s"],
+        "binary_server_cpu_us_per_sample": binary["server_cpu_us_per_sample"],
+        "in_process_cpu_us_per_sample_b32": ceiling.get("cpu_us_per_sample"),
         "binary_percent_of_ceiling": 100
-        * _ratio(
-            _cell(doc, BINARY_CELL, s)["samples_per_s"],
-            doc["ceilings"][MLP][str(BINARY_BATCH)]["samples_per_s"],
-        ),
+        * _ratio(binary["samples_per_s"], ceiling["samples_per_s"]),
         "served_vs_ceiling": served_vs_ceiling(doc, c),
         "startup_seconds": startup.get("seconds"),
         "startup_models": startup.get("models"),

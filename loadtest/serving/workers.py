@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,10 +23,9 @@ from typing import Annotated, Any
 import typer
 
 from loadtest.serving.ab import CELLS
-from loadtest.serving.cells import Options, run_phase, summarise
-from loadtest.serving.load import LoadResult
+from loadtest.serving.cells import Options, alternate
 from loadtest.serving.report import results_folder, save
-from loadtest.serving.servers import ROOT, build_repository, slimserve, stop_live
+from loadtest.serving.servers import ROOT, ServerProcess, build_repository, slimserve, stop_live
 from service.core.settings import Settings, usable_cpus
 
 __all__ = ["app", "configurations", "run"]
@@ -54,8 +54,6 @@ def configurations(cpus: int) -> dict[str, dict[str, str]]:
 def run(opts: Options, configs: dict[str, dict[str, str]]) -> dict[str, Any]:
     """Every configuration on every cell, ``opts.repeats`` times, rotating the order."""
     work = Path(tempfile.mkdtemp(prefix="slimserve-workers-"))
-    labels = list(configs)
-    results: dict[str, list[LoadResult]] = {f"{k}|{c.id}": [] for k in labels for c in CELLS}
     doc: dict[str, Any] = {
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": usable_cpus(),
@@ -64,21 +62,18 @@ def run(opts: Options, configs: dict[str, dict[str, str]]) -> dict[str, Any]:
         "repeats": opts.repeats,
         "cell_seconds": opts.cell_seconds,
     }
+    repo = work / "models"
+
+    def side(label: str) -> Callable[[Path], ServerProcess]:
+        return lambda log: slimserve(repo, work, log, ROOT, label, configs[label])
+
     try:
-        repo = work / "models"
         build_repository(repo)
-        for r in range(opts.repeats):
-            order = labels[r % len(labels) :] + labels[: r % len(labels)]
-            print(f"repeat {r + 1} of {opts.repeats}: {' | '.join(order)}", flush=True)
-            for i, label in enumerate(order):
-                log = opts.out / "logs" / f"{r}-{i}.log"
-                server = slimserve(repo, work, log, ROOT, label, configs[label])
-                run_phase(server, CELLS, opts, results)
+        doc["cells"] = alternate(opts, CELLS, {label: side(label) for label in configs})
     finally:
         stop_live()
         shutil.rmtree(work, ignore_errors=True)
     doc["loadavg_end"] = os.getloadavg()
-    doc["cells"] = {c.id: {k: summarise(results[f"{k}|{c.id}"]) for k in labels} for c in CELLS}
     return doc
 
 

@@ -94,8 +94,8 @@ class DynamicBatcher:
         #: deadline
         self._seconds_per_sample = 0.0
         self._running = False  # a batch is in onnxruntime now
-        #: a batch expected to take less than this runs on the event loop's own thread: for a
-        #: tiny model the hop to the onnxruntime thread and back costs more than the run
+        #: a lone request expected to take less than this runs on the event loop's own
+        #: thread: for a tiny model the hop to the onnxruntime thread costs more than the run
         self.inline_run_s = inline_run_s
 
     @property
@@ -160,8 +160,8 @@ class DynamicBatcher:
         inline: bool = False,
     ) -> list[np.ndarray]:
         """Nothing queued and nothing running: this request runs at once, without the batching
-        task's hop (a lone client pays no more than a thread hop). What queues meanwhile is
-        batched as usual once it is done."""
+        task's hop (a lone client pays a thread hop at most, none with ``inline``). What
+        queues meanwhile is batched as usual once it is done."""
         self._running = True
         self.observer.queue_wait(0.0)
         trace = None
