@@ -4,9 +4,10 @@ A peer is another project's model server with a small adapter of ours around the
 onnxruntime session (``loadtest/baselines/mlserver_runtime.py``, ``kserve_server.py``,
 ``pytriton_server.py``), speaking the v2 protocol on 127.0.0.1. Their dependency pins clash with
 the project's (MLServer wants FastAPI < 0.116, PyTriton numpy < 2), so each runs from a virtual
-environment of its own under ``.venv-peers/<peer>``, made with ``python3.11 -m venv`` and pip by
-``ensure_venv`` and reused while its pins are unchanged. The servers import ``loadtest.baselines``
-from this checkout (``PYTHONPATH``) and never ``service`` or anything of the project's venv.
+environment of its own under ``.venv-peers/<peer>``, made with ``python -m venv`` (the Python
+that runs the benchmark) and pip by ``ensure_venv`` and reused while its pins are unchanged. The
+servers import ``loadtest.baselines`` from this checkout (``PYTHONPATH``) and never ``service``
+or anything of the project's venv.
 ``mlserver_peer``, ``kserve_peer`` and ``pytriton_peer`` return a ``ServerProcess`` not yet
 started, like ``servers.fastapi_baseline``::
 
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,7 +57,6 @@ __all__ = [
 
 PEERS = (MLSERVER, KSERVE, PYTRITON)
 PEER_ROOT = ROOT / ".venv-peers"
-PEER_PYTHON = "python3.11"
 _ORT, _NUMPY2 = "onnxruntime==1.32.0", "numpy==2.4.6"  # the project venv's
 #: exact pins per peer: the server, the project's onnxruntime and numpy where the server allows
 #: them, and the HTTP stack the server answers with (a change of any of these moves the numbers)
@@ -106,7 +107,7 @@ def _run(cmd: list[str], what: str) -> None:
 def ensure_venv(peer: str, root: Path = PEER_ROOT) -> Path:
     """The python of ``root/<peer>``, a venv holding exactly ``PEER_PINS[peer]``.
 
-    Made with ``python3.11 -m venv`` and pip on first use (about 30 s and 0.4-0.5 GB each); a
+    Made with ``<this Python> -m venv`` and pip on first use (about 30 s and 0.4-0.5 GB each); a
     stamp file holds the pins it was made with, so a later call returns at once, and a change
     of pins makes the venv anew. Raises ``PeerInstallError`` when the venv cannot be made."""
     if peer not in PEER_PINS:
@@ -115,12 +116,10 @@ def ensure_venv(peer: str, root: Path = PEER_ROOT) -> Path:
     python = venv / "bin" / "python"
     if installed(peer, root):
         return python
-    base = shutil.which(PEER_PYTHON)
-    if base is None:
-        raise PeerInstallError(f"{PEER_PYTHON} is not on PATH: it makes the peers' venvs")
     shutil.rmtree(venv, ignore_errors=True)  # a stale or half-made one
     venv.parent.mkdir(parents=True, exist_ok=True)
-    _run([base, "-m", "venv", str(venv)], f"making the {peer} venv")
+    # the project's own Python (a venv made from a venv's python is based on its base)
+    _run([sys.executable, "-m", "venv", str(venv)], f"making the {peer} venv")
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     try:
         _run([*pip, *PEER_PINS[peer]], f"installing {peer}'s pins")
