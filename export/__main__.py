@@ -76,6 +76,10 @@ def build(
     calibration_method: Annotated[
         str, typer.Option(help="Static INT8 calibration: minmax, entropy or percentile.")
     ] = "minmax",
+    text_sample: Annotated[
+        int | None,
+        typer.Option(help="Text models: at most this many documents per split (a quick build)."),
+    ] = None,
 ) -> None:
     """Build the zoo (or --only some models) into REPO; unchanged models are skipped."""
     _quiet()
@@ -90,6 +94,7 @@ def build(
             budget=Budget(max_accuracy_drop, max_error_increase),
             static=StaticConfig(method=calibration_method),
             compress=compress,
+            text_sample=text_sample,
         )
     except KeyError as exc:
         err.print(f"[red]error:[/] {escape(str(exc.args[0]))}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,9 +62,12 @@ class BuildOptions:
     static: StaticConfig = StaticConfig()
     measure: MeasureConfig = MeasureConfig()
     compress: bool = True
+    #: at most this many documents per split for the text models (tests: a few hundred)
+    text_sample: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "text_sample": self.text_sample,
             "budget": self.budget.to_dict(),
             "static": vars(self.static),
             "measure": {k: v for k, v in vars(self.measure).items() if k != "providers"},
@@ -160,6 +164,39 @@ def _variants(
     return variants, files
 
 
+def _compress(
+    spec: ModelSpec, trained: Trained, staging: Path, options: BuildOptions
+) -> tuple[dict[str, Variant], str, dict[str, Any], dict[str, float]]:
+    """Every variant built and measured in one run, the default chosen: the variants, the
+    default, why (``selection``), and the FP32 reference's test metrics."""
+    results = build_variants(spec.name, trained, staging, static=options.static)
+    variants, files = _variants(spec.name, trained, staging, results)
+    measured = measure(
+        files,
+        trained.evaluate,
+        trained.test_feeds,
+        trained.feeds,
+        options.measure,
+        trained.chunk_rows,
+    )
+    for variant, m in measured.items():
+        variants[variant].details["measurement"] = m.to_dict()
+    choice = choose(measured, trained.headline, options.budget)
+    selection = {
+        "reason": choice.reason,
+        "budget": options.budget.to_dict(),
+        "metric": trained.headline,
+        "verdicts": choice.verdicts,
+        "conditions": {
+            "provider": measured["fp32"].provider,
+            "intra_op_threads": options.measure.intra_op_threads,
+            "test_rows": len(next(iter(trained.test_feeds.values()))),
+            "batch_sizes": [1, 32],
+        },
+    }
+    return variants, choice.default, selection, measured["fp32"].metrics
+
+
 def build_model(
     spec: ModelSpec,
     repo: ModelRepository,
@@ -169,15 +206,15 @@ def build_model(
     """Train, export, compress, verify and publish one model as a new version (nothing on error)."""
     options = options or BuildOptions()
     fp = fingerprint(spec, seed, repo, options)
-    trained = spec.train(BuildContext(seed=seed, model_runner=_published_runner(repo)))
+    context = BuildContext(seed, _published_runner(repo), options.text_sample)
+    trained = spec.train(context)
     staging = repo.staging_dir(spec.name)
     try:
         onnx_path = staging / "model.onnx"
         trained.export(onnx_path)
         inputs, outputs, opset = graph_signature(spec.name, onnx_path)
-        runner = ort_runner(onnx_path)
+        runner = ort_runner(onnx_path, trained.chunk_rows)
         parity = check_parity(spec.name, trained, runner, [o.name for o in outputs])
-        metrics = trained.evaluate(runner)
         build_config = {
             "spec": spec.name,
             "family": spec.family,
@@ -186,32 +223,15 @@ def build_model(
             **trained.config,
         }
         (staging / "build.json").write_text(json.dumps(build_config, indent=2, default=str) + "\n")
-        variants = {"fp32": Variant("model.onnx")}
+        for rel, source in trained.files.items():
+            shutil.copyfile(source, staging / rel)
+        variants: dict[str, Variant] = {"fp32": Variant("model.onnx")}
         selection: dict[str, Any] = {}
         default = "fp32"
-        if options.compress:
-            results = build_variants(spec.name, trained, staging, static=options.static)
-            variants, files = _variants(spec.name, trained, staging, results)
-            measured = measure(
-                files, trained.evaluate, trained.test_feeds, trained.feeds, options.measure
-            )
-            for variant, m in measured.items():
-                variants[variant].details["measurement"] = m.to_dict()
-            choice = choose(measured, trained.headline, options.budget)
-            default = choice.default
-            test_rows = len(next(iter(trained.test_feeds.values())))
-            selection = {
-                "reason": choice.reason,
-                "budget": options.budget.to_dict(),
-                "metric": trained.headline,
-                "verdicts": choice.verdicts,
-                "conditions": {
-                    "provider": measured["fp32"].provider,
-                    "intra_op_threads": options.measure.intra_op_threads,
-                    "test_rows": test_rows,
-                    "batch_sizes": [1, 32],
-                },
-            }
+        if not options.compress:
+            metrics = trained.evaluate(runner)
+        else:
+            variants, default, selection, metrics = _compress(spec, trained, staging, options)
         manifest = Manifest(
             name=spec.name,
             version=0,  # assigned by publish()
@@ -221,7 +241,7 @@ def build_model(
             description=spec.description,
             labels=trained.labels,
             preprocessing=trained.preprocessing,
-            dataset=load(spec.dataset, seed).record,
+            dataset=trained.dataset or load(spec.dataset, seed).record,
             metrics=metrics,
             headline_metric=trained.headline,
             parity=parity,
@@ -231,6 +251,8 @@ def build_model(
             variants=variants,
             default_variant=default,
             selection=selection,
+            tokenizer=trained.tokenizer,
+            baselines=trained.baselines,
         )
         if options.compress:
             write_card(staging, manifest)

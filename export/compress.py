@@ -113,6 +113,21 @@ def _ml_ops(path: Path) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.domain == "ai.onnx.ml"})
 
 
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """onnxruntime's quantization tools warn through the root logger once per weight they
+    leave alone (a Transformer: dozens of lines per build); the card records what was done."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.tools.symbolic_shape_infer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _preprocess(name: str, src: Path, dst: Path) -> None:
     """onnxruntime's recommended step before quantizing: shape inference and graph folding."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -151,7 +166,7 @@ def quantize_dynamic(
         raise NotApplicable(_no_weights_reason(src, ops))
     src, dst = src.resolve(), dst.resolve()
     # onnxruntime's tools leave temporary files in the working directory: give them a scratch one
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), _quiet():
         pre = Path(tmp) / "pre.onnx"
         _preprocess(name, src, pre)
         found = quantizable_ops(pre)
@@ -267,7 +282,7 @@ def quantize_static(
     }[config.method]
     src, dst = src.resolve(), dst.resolve()
     notes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp), _quiet():
         pre = Path(tmp) / "pre.onnx"
         _preprocess(name, src, pre)
 

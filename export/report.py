@@ -10,6 +10,8 @@ from typing import Any
 
 from service.core.repository import Manifest
 
+from .selection import LOWER_IS_BETTER
+
 __all__ = ["CARD_FILE", "PLOT_FILE", "card", "plot", "summary", "write_card"]
 
 CARD_FILE = "card.md"
@@ -80,9 +82,19 @@ def card(manifest: Manifest) -> str:
         )
     if fp32 is None:
         lines.append("| fp32 | (not measured) |")
+    lines += _other_metrics(manifest, metric)
+    lines += _baselines(manifest)
     if skipped:
         lines += ["", "Not measured here:", ""]
         lines += [f"- **{name}**: {reason}" for name, reason in skipped]
+    lines += _how_made(manifest)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _how_made(manifest: Manifest) -> list[str]:
+    """One line per compressed variant: the technique and its settings."""
+    lines: list[str] = []
     built = [
         (n, v) for n, v in manifest.variants.items() if n != "fp32" and v.details.get("compression")
     ]
@@ -107,8 +119,43 @@ def card(manifest: Manifest) -> str:
                 if k in c
             )
             lines.append(f"- **{name}**: {c.get('technique', '')}. {extra}")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _other_metrics(manifest: Manifest, headline: str) -> list[str]:
+    """Every other test metric of each measured variant (cosine to FP32, macro F1, ...)."""
+    measured = {
+        n: v.details["measurement"]
+        for n, v in manifest.variants.items()
+        if v.details.get("measurement")
+    }
+    keys = sorted({k for m in measured.values() for k in m["metrics"]} - {headline})
+    if not keys:
+        return []
+    lines = ["", "Other test metrics:", "", "| variant | " + " | ".join(keys) + " |"]
+    lines.append("|" + "---|" * (len(keys) + 1))
+    for name, m in measured.items():
+        lines.append(f"| {name} | " + " | ".join(_metric(m, k) for k in keys) + " |")
+    return lines
+
+
+def _baselines(manifest: Manifest) -> list[str]:
+    """Simple methods on the same split, and whether the default variant beats each."""
+    if not manifest.baselines:
+        return []
+    default = _measured(manifest, manifest.default_variant) or {}
+    lines = ["", "Baselines on the same split:", ""]
+    for name, b in manifest.baselines.items():
+        metric, value = b["metric"], float(b["value"])
+        ours = default.get("metrics", {}).get(metric, manifest.metrics.get(metric))
+        verdict = ""
+        if ours is not None:
+            beats = ours < value if metric in LOWER_IS_BETTER else ours > value
+            verdict = (
+                f": the default variant ({ours:.4g}) **{'beats' if beats else 'does not beat'}** it"
+            )
+        lines.append(f"- **{name}** ({b.get('what', '')}): {metric} {value:.4g}{verdict}")
+    return lines
 
 
 def plot(manifest: Manifest, path: Path) -> bool:

@@ -16,6 +16,7 @@ __all__ = [
     "PARITY_BATCH_SIZES",
     "Feeds",
     "Runner",
+    "chunked",
     "Tolerance",
     "Trained",
     "ModelSpec",
@@ -30,6 +31,24 @@ PARITY_BATCH_SIZES = (1, 7, 64)
 Feeds = dict[str, np.ndarray]
 #: runs a model: feeds -> outputs in the graph's output order
 Runner = Callable[[Feeds], list[np.ndarray]]
+#: rows per call when a whole split is run; a Transformer asks for fewer (``Trained.chunk_rows``:
+#: its attention over thousands of documents at once would need tens of gigabytes)
+CHUNK_ROWS = 1024
+
+
+def chunked(run: Runner, rows: int = CHUNK_ROWS) -> Runner:
+    """``run`` over at most ``rows`` rows at a time, outputs concatenated: the same answer in
+    bounded memory."""
+
+    def run_in_chunks(feeds: Feeds) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        step = rows
+        if n <= step:
+            return run(feeds)
+        parts = [run({k: v[i : i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+    return run_in_chunks
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,19 @@ class Trained:
     variants: dict[str, Callable[[Path], dict[str, Any]]] = field(default_factory=dict)
     #: technique -> why it does not apply to this model (recorded in the manifest)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    #: the dataset's record for the manifest (``None``: the scikit-learn dataset of the spec)
+    dataset: dict[str, Any] | None = None
+    #: what parity compares on besides the fixed batch sizes (``None``: the whole test split);
+    #: a sample of it where the source model is slow (a Transformer in torch)
+    parity_feeds: Feeds | None = None
+    #: simple methods scored on the same split, shown on the card (see ``Manifest.baselines``)
+    baselines: dict[str, Any] = field(default_factory=dict)
+    #: the tokenizer the server applies (see ``Manifest.tokenizer``) and files to publish with
+    #: the graph (name in the version folder -> source path)
+    tokenizer: dict[str, Any] | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    #: rows per onnxruntime call when the whole test split runs (see :func:`chunked`)
+    chunk_rows: int = CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,9 @@ class BuildContext:
     seed: int
     #: runs another, already published model of the zoo (generators are judged by the digits CNN)
     model_runner: Callable[[str], Runner]
+    #: at most this many documents per split for the text models (``None``: the whole corpus);
+    #: tests build them on a few hundred
+    text_sample: int | None = None
 
 
 @dataclass(frozen=True)

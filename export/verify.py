@@ -15,7 +15,7 @@ import onnx
 from service.core.repository import TensorSpec
 from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 
-from .spec import PARITY_BATCH_SIZES, Feeds, Runner, Trained
+from .spec import CHUNK_ROWS, PARITY_BATCH_SIZES, Feeds, Runner, Trained, chunked
 
 __all__ = ["ExportError", "ParityError", "ort_runner", "graph_signature", "check_parity"]
 
@@ -28,9 +28,10 @@ class ParityError(ExportError):
     """The ONNX model disagrees with its source model beyond the documented tolerance."""
 
 
-def ort_runner(path: Path) -> Runner:
+def ort_runner(path: Path, chunk_rows: int = CHUNK_ROWS) -> Runner:
     """A CPU onnxruntime session over ``path`` (the server's own session class), as a function."""
-    return OrtSession(path, path.parent.name, RuntimeOptions(["CPUExecutionProvider"])).run
+    session = OrtSession(path, path.parent.name, RuntimeOptions(["CPUExecutionProvider"]))
+    return chunked(session.run, chunk_rows)
 
 
 def graph_signature(name: str, path: Path) -> tuple[list[TensorSpec], list[TensorSpec], int]:
@@ -91,7 +92,8 @@ def check_parity(
     pooled: dict[str, list[np.ndarray]] = {n: [] for n in output_names}
     worst: dict[str, tuple[float, str | int]] = {n: (0.0, "-") for n in output_names}
     cases: list[tuple[str | int, Feeds]] = [(bs, trained.feeds(bs)) for bs in PARITY_BATCH_SIZES]
-    cases.append(("test", trained.test_feeds))
+    whole = trained.parity_feeds if trained.parity_feeds is not None else trained.test_feeds
+    cases.append(("test", whole))
     for batch, feeds in cases:
         ref_outputs = trained.reference(feeds)
         onnx_outputs = runner(feeds)

@@ -53,6 +53,8 @@ TASKS = (
     "generation",
     "reconstruction",
     "encoding",
+    "embedding",
+    "forecasting",
     "unknown",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -135,6 +137,12 @@ class Manifest:
     serving: dict[str, Any] = field(default_factory=dict)  # per-model overrides (batching...)
     #: how the default variant was chosen: budget, measuring conditions, verdicts, reason
     selection: dict[str, Any] = field(default_factory=dict)
+    #: what the server turns text into the graph's token inputs with (text models only):
+    #: ``file`` (a tokenizer.json in the version folder), ``max_length``, ``pad_id``, and the
+    #: graph inputs it fills (``ids``, ``mask``)
+    tokenizer: dict[str, Any] | None = None
+    #: simple methods scored on the same split, for the card (name -> metric, value, what)
+    baselines: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     def __post_init__(self) -> None:
