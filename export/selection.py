@@ -28,10 +28,21 @@ HIGHER_IS_BETTER = frozenset(
         "normalized_mutual_info",
         "purity",
         "explained_variance",
+        "probe_accuracy",
+        "cosine_to_fp32",
+        "cosine_to_fp32_min",
     }
 )
 LOWER_IS_BETTER = frozenset(
-    {"rmse", "mae", "reconstruction_mse", "denoising_mse", "kl_divergence", "reconstruction_error"}
+    {
+        "rmse",
+        "mae",
+        "mae_first_month",
+        "reconstruction_mse",
+        "denoising_mse",
+        "kl_divergence",
+        "reconstruction_error",
+    }
 )
 #: the batch size whose throughput decides "fastest" (what dynamic batching produces under load)
 SPEED_BATCH = 32

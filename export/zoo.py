@@ -124,6 +124,38 @@ _TABLE: list[tuple[str, str, str, str, str, tuple[str, ...]]] = [
     ),
     ("digits-kmeans", "clustering", "digits", "sklearn", "k-means, k = 10", ()),
     ("digits-pca", "dimensionality_reduction", "digits", "sklearn", "PCA to 16 components", ()),
+    (
+        "sunspots-lstm",
+        "forecasting",
+        "sunspots",
+        "torch",
+        "LSTM forecaster of monthly sunspot numbers: any history in, the next 12 months out",
+        (),
+    ),
+    (
+        "sunspots-gru",
+        "forecasting",
+        "sunspots",
+        "torch",
+        "GRU forecaster of monthly sunspot numbers: any history in, the next 12 months out",
+        (),
+    ),
+    (
+        "text-minilm",
+        "embedding",
+        "20newsgroups",
+        "torch",
+        "all-MiniLM-L6-v2 sentence embeddings (384-d, unit norm); text in, tokenized by the server",
+        (),
+    ),
+    (
+        "news-minilm",
+        "classification",
+        "20newsgroups",
+        "torch",
+        "20 Newsgroups topic classifier: frozen MiniLM embeddings + linear head; text in",
+        (),
+    ),
 ]
 
 SPECS: dict[str, ModelSpec] = {

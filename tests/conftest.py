@@ -60,8 +60,20 @@ def zoo_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     from export.build import build
 
     repo = ModelRepository(tmp_path_factory.mktemp("zoo") / "models")
-    build(repo)
+    build(repo, options=zoo_options())
     return repo
+
+
+def zoo_options():
+    """How the test zoo is built: the text models on a sample of their corpus (the whole of it
+    takes a quarter of an hour on two cores), everything else as ``make models`` builds it."""
+    from export.build import BuildOptions
+
+    return BuildOptions(text_sample=TEXT_SAMPLE)
+
+
+#: documents per split the test zoo's text models see
+TEXT_SAMPLE = 160
 
 
 @pytest.fixture

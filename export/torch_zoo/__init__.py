@@ -13,6 +13,7 @@ from ..spec import BuildContext, Trained
 from .classifiers import Classifier
 from .cnn import DigitsCNN, digits_cnn
 from .common import Standardize, export_module, mlp, torch_reference
+from .forecast import sunspots_gru, sunspots_lstm
 from .generative import (
     VAE,
     ConditionalGenerator,
@@ -22,6 +23,7 @@ from .generative import (
     digits_vae_decoder,
     digits_vae_encoder,
 )
+from .language import news_minilm, text_minilm
 from .tabular import (
     TabularRegressor,
     breast_cancer_logreg,
@@ -57,4 +59,8 @@ TRAINERS: dict[str, Callable[[BuildContext], Trained]] = {
     "digits-vae-encoder": digits_vae_encoder,
     "digits-vae-decoder": digits_vae_decoder,
     "digits-gan": digits_gan,
+    "sunspots-lstm": sunspots_lstm,
+    "sunspots-gru": sunspots_gru,
+    "text-minilm": text_minilm,
+    "news-minilm": news_minilm,
 }

@@ -19,11 +19,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import baselines
 from ..baselines import forecast_origins
-from ..spec import Runner
-from .common import export_module, fit, n_params, seed_everything
+from ..corpora import SeriesData, sunspots
+from ..data import rows
+from ..spec import BuildContext, Runner, Tolerance, Trained
+from .common import export_module, fit, n_params, producer, seed_everything, torch_reference
 
-__all__ = ["Forecaster", "export_forecaster", "rolling_mae", "train_forecaster", "windows"]
+__all__ = [
+    "Forecaster",
+    "export_forecaster",
+    "rolling_mae",
+    "sunspots_gru",
+    "sunspots_lstm",
+    "train_forecaster",
+    "windows",
+]
+
+#: the held-out tail: the last fifth of the series (never seen in training or validation)
+TEST_FRACTION = 0.2
+WINDOW, HORIZON, SEASON = 120, 12, 12
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -104,3 +119,107 @@ def export_forecaster(model: Forecaster, path: Path) -> None:
     """``model`` to ONNX with dynamic batch and time axes."""
     example = torch.linspace(10.0, 90.0, 96).reshape(2, 48)
     export_module(model, [example], ["history"], ["forecast"], path, shared_axes={1: "time"})
+
+
+def _sunspots(cell: str, ctx: BuildContext) -> Trained:
+    """A forecaster of the monthly sunspot numbers, judged on the held-out tail against the
+    naive and seasonal-naive forecasts."""
+    data = sunspots()
+    series = data.values
+    test_start = int(len(series) * (1 - TEST_FRACTION))
+    model, config = train_forecaster(
+        cell, series, test_start, window=WINDOW, horizon=HORIZON, seed=ctx.seed
+    )
+    origins = list(forecast_origins(len(series), test_start, HORIZON))
+    history = np.stack([series[t - WINDOW : t] for t in origins]).astype(np.float32)
+    truth = np.stack([series[t : t + HORIZON] for t in origins])
+    test_feeds = {"history": history}
+    train_x, _ = windows(series, WINDOW, HORIZON, test_start)
+
+    def evaluate(run: Runner) -> dict[str, float]:
+        [forecast] = run(test_feeds)
+        error = forecast - truth
+        return {
+            "mae": float(np.abs(error).mean()),
+            "rmse": float(np.sqrt((error**2).mean())),
+            "mae_first_month": float(np.abs(error[:, 0]).mean()),
+        }
+
+    return Trained(
+        export=lambda p: export_forecaster(model, p),
+        reference=torch_reference(model, ["history"]),
+        feeds=lambda n: {"history": rows(history, n)},
+        test_feeds=test_feeds,
+        calibration={"history": train_x[:: max(1, len(train_x) // 256)]},
+        evaluate=evaluate,
+        headline="mae",
+        tolerance=Tolerance(atol=1e-3, rtol=1e-5),  # sunspot numbers run 0..254
+        preprocessing={
+            "description": "monthly mean sunspot numbers in their own units, oldest first; "
+            "the model scales them itself (the training part's mean and standard deviation "
+            f"are inside the graph). Trained on {WINDOW}-month histories; any length is "
+            f"accepted. Answers the next {HORIZON} months.",
+            "window": WINDOW,
+            "horizon": HORIZON,
+            "scaling": {"mean": float(model.mean), "std": float(model.std), "in_graph": True},
+        },
+        dataset=_dataset_record(data, test_start, config, len(origins), ctx.seed),
+        baselines=_baselines(series, test_start),
+        not_applicable={
+            "pruned": "structured pruning removes neurons of linear and convolutional layers; "
+            "a recurrent layer's gates share its hidden units (not implemented)",
+            "distilled": f"the {config['parameters']:,}-parameter network is already small; "
+            "no smaller recurrent student is defined",
+        },
+        config=config,
+        producer=producer(),
+    )
+
+
+def _dataset_record(
+    data: SeriesData, test_start: int, config: dict[str, Any], test_origins: int, seed: int
+) -> dict[str, Any]:
+    year, month = divmod(test_start, 12)
+    return {
+        **data.record,
+        "name": data.name,
+        "n_samples": len(data.values),
+        "start": data.start,
+        "split": {
+            "method": f"chronological: the last {TEST_FRACTION:.0%} is the held-out tail",
+            "seed": seed,
+            "test_start": f"{int(data.start[:4]) + year}-{month + 1:02d}",
+            "sizes": {
+                "train": config["train_windows"],
+                "validation": config["val_windows"],
+                "test": test_origins,
+            },
+            "evaluation": f"every origin of the tail, the {WINDOW} months before it in, "
+            f"the next {HORIZON} out (MAE over all of them)",
+        },
+    }
+
+
+def _baselines(series: np.ndarray, test_start: int) -> dict[str, Any]:
+    naive = baselines.naive_mae(series, test_start, HORIZON)
+    seasonal = baselines.seasonal_naive_mae(series, test_start, HORIZON, SEASON)
+    return {
+        "naive": {
+            "metric": "mae",
+            "value": naive,
+            "what": "every future month equals the last one seen",
+        },
+        "seasonal-naive": {
+            "metric": "mae",
+            "value": seasonal,
+            "what": f"each month equals the one {SEASON} months earlier",
+        },
+    }
+
+
+def sunspots_lstm(ctx: BuildContext) -> Trained:
+    return _sunspots("lstm", ctx)
+
+
+def sunspots_gru(ctx: BuildContext) -> Trained:
+    return _sunspots("gru", ctx)

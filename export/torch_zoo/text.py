@@ -35,6 +35,7 @@ __all__ = [
     "load_minilm",
     "max_length",
     "minilm_dir",
+    "pad_id",
     "reference_embeddings",
     "tokenize",
 ]
@@ -83,19 +84,28 @@ def load_minilm() -> SentenceEncoder:
 
 
 @cache
-def _tokenizer(model_dir: Path) -> Any:
+def _tokenizer(model_dir: Path, length: int) -> Any:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tok.enable_truncation(max_length(model_dir))
+    tok.enable_truncation(length)
     tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
     return tok
 
 
-def tokenize(texts: Sequence[str], model_dir: Path | None = None) -> Feeds:
-    """``input_ids`` and ``attention_mask`` for ``texts``: truncated at the model's length,
-    padded to the longest of them."""
-    encodings = _tokenizer(model_dir or minilm_dir()).encode_batch(list(texts))
+def pad_id(model_dir: Path | None = None) -> int:
+    """The id that pads token sequences (``[PAD]``)."""
+    d = model_dir or minilm_dir()
+    return int(_tokenizer(d, max_length(d)).token_to_id("[PAD]"))
+
+
+def tokenize(
+    texts: Sequence[str], model_dir: Path | None = None, length: int | None = None
+) -> Feeds:
+    """``input_ids`` and ``attention_mask`` for ``texts``: truncated at ``length`` tokens (the
+    model's own limit when ``None``), padded to the longest of them."""
+    d = model_dir or minilm_dir()
+    encodings = _tokenizer(d, length or max_length(d)).encode_batch(list(texts))
     return {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),

@@ -14,7 +14,7 @@ from export import zoo
 from export.build import build
 from export.spec import PARITY_BATCH_SIZES
 from service.core.repository import IntegrityError, ModelRepository, sha256_file
-from tests.conftest import random_feeds
+from tests.conftest import random_feeds, zoo_options
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -43,7 +43,11 @@ def test_manifest_records_what_the_issue_asks(zoo_repo: ModelRepository, name: s
     assert m.producer["opset"] == 18 and m.producer["onnxruntime"] == ort.__version__
     assert "torch" in m.producer if spec.family == "torch" else "skl2onnx" in m.producer
     built = {v.file for v in m.variants.values() if v.file}
-    assert set(m.files) == {"model.onnx", "build.json", "card.md", "accuracy_latency.png"} | built
+    extra = {m.tokenizer["file"]} if m.tokenizer else set()
+    assert (
+        set(m.files)
+        == {"model.onnx", "build.json", "card.md", "accuracy_latency.png"} | built | extra
+    )
     assert set(m.variants) == {"fp32", "int8-dynamic", "int8-static", "pruned", "distilled", "fp16"}
     assert all(v.file or v.reason for v in m.variants.values())  # a file, or why there is none
     assert m.default_variant in m.variants and m.selection["reason"]
@@ -83,13 +87,46 @@ def test_quality_targets(zoo_repo: ModelRepository) -> None:
     assert ae["denoising_mse"] < ae["noisy_input_mse"]
 
 
+@pytest.mark.parametrize("name", ["sunspots-lstm", "sunspots-gru"])
+def test_forecasters_beat_the_naive_forecast_on_their_card(zoo_repo, name) -> None:
+    m = zoo_repo.get(name).manifest
+    naive, seasonal = m.baselines["naive"], m.baselines["seasonal-naive"]
+    assert m.metrics["mae"] < 0.9 * naive["value"]  # measured 19.0-19.7 against 23.9
+    assert seasonal["metric"] == "mae" and seasonal["value"] > 0
+    card = (zoo_repo.get(name).path / "card.md").read_text()
+    assert "- **naive** (every future month equals the last one seen): mae 23." in card
+    assert "**beats** it" in card
+    assert [i.name for i in m.inputs] == ["history"] and m.inputs[0].shape == (-1, -1)
+
+
+def test_text_models_declare_their_tokenizer_and_say_how_int8_fares(zoo_repo) -> None:
+    for name, length in (("text-minilm", 256), ("news-minilm", 128)):
+        model = zoo_repo.get(name)
+        m = model.manifest
+        assert m.tokenizer is not None and m.tokenizer["max_length"] == length
+        assert (model.path / "tokenizer.json").stat().st_size == m.files["tokenizer.json"].bytes
+        assert [i.name for i in m.inputs] == ["input_ids", "attention_mask"]
+        assert all(i.shape == (-1, -1) and i.datatype == "INT64" for i in m.inputs)
+        assert m.variants["int8-dynamic"].details["compression"]["weights"] == "int8, per channel"
+    encoder = zoo_repo.get("text-minilm").manifest
+    assert encoder.outputs[0].shape == (-1, 384)
+    int8 = encoder.variants["int8-dynamic"].details["measurement"]["metrics"]
+    assert int8["cosine_to_fp32"] >= 0.98 and "probe_accuracy" in int8
+    news = zoo_repo.get("news-minilm")
+    assert news.manifest.labels[:2] == ["alt.atheism", "comp.graphics"]
+    assert "tfidf-logistic" in news.manifest.baselines
+    assert "Baselines on the same split" in (news.path / "card.md").read_text()
+
+
 def test_unchanged_rebuild_does_nothing_and_force_adds_an_identical_version(zoo_copy) -> None:
-    outcomes = build(zoo_copy, only=["wine-decision-tree", "digits-logreg"])
+    outcomes = build(zoo_copy, only=["wine-decision-tree", "digits-logreg"], options=zoo_options())
     assert [(o.name, o.status, o.version) for o in outcomes] == [
         ("wine-decision-tree", "unchanged", 1),
         ("digits-logreg", "unchanged", 1),
     ]
-    outcomes = build(zoo_copy, only=["wine-decision-tree", "digits-logreg"], force=True)
+    outcomes = build(
+        zoo_copy, only=["wine-decision-tree", "digits-logreg"], force=True, options=zoo_options()
+    )
     assert [(o.status, o.version) for o in outcomes] == [("built", 2), ("built", 2)]
     for name in ("wine-decision-tree", "digits-logreg"):  # deterministic for a given seed
         v1, v2 = zoo_copy.get(name, 1), zoo_copy.get(name, 2)
@@ -102,7 +139,7 @@ def test_a_corrupt_model_is_rebuilt_as_a_new_version(zoo_copy) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(IntegrityError):
         zoo_copy.get("iris-knn").verify()
-    (outcome,) = build(zoo_copy, only=["iris-knn"])
+    (outcome,) = build(zoo_copy, only=["iris-knn"], options=zoo_options())
     assert (outcome.status, outcome.version) == ("built", 2)
     zoo_copy.get("iris-knn").verify()
 

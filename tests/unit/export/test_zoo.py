@@ -18,9 +18,19 @@ def test_zoo_covers_every_task_family() -> None:
         "generation",
         "clustering",
         "dimensionality_reduction",
+        "embedding",
+        "forecasting",
     } <= tasks
     datasets = {s.dataset for s in zoo.SPECS.values()}
-    assert datasets == {"digits", "diabetes", "breast-cancer", "iris", "wine"}
+    assert datasets == {
+        "digits",
+        "diabetes",
+        "breast-cancer",
+        "iris",
+        "wine",
+        "20newsgroups",
+        "sunspots",
+    }
 
 
 def test_plan_puts_requirements_first_without_duplicates() -> None:
