@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -63,6 +63,24 @@ def _shape_key(feeds: Feeds) -> tuple:
     return tuple((k, v.dtype.str, v.shape[1:]) for k, v in feeds.items())
 
 
+def _merge(parts: list[Feeds], pad: Mapping[str, int]) -> Feeds:
+    """One batch of the requests' feeds; sequence inputs padded to the longest first."""
+    if len(parts) == 1:
+        return parts[0]
+    if pad:
+        width = max(p[k].shape[1] for p in parts for k in pad if k in p)
+        parts = [
+            {
+                k: np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=pad[k])
+                if k in pad and v.shape[1] < width
+                else v
+                for k, v in p.items()
+            }
+            for p in parts
+        ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -75,8 +93,12 @@ class DynamicBatcher:
         splittable: bool = True,
         observer: BatchObserver | None = None,
         inline_run_s: float = 0.0,
+        pad: Mapping[str, int] | None = None,
     ) -> None:
         self._run = run
+        #: inputs whose second axis is a sequence (token ids, masks) -> the value that pads
+        #: them: requests of different lengths then share a batch, padded to its longest
+        self.pad = dict(pad or {})
         self.label = label
         self.max_batch_size = max_batch_size if splittable else 1
         self.max_queue_delay_s = max_queue_delay_s
@@ -109,8 +131,11 @@ class DynamicBatcher:
         timeout_s: float,
         gone: Callable[[], bool] | None = None,
         traces: list[Trace] | None = None,
+        key: tuple | None = None,
     ) -> list[np.ndarray]:
         """Outputs for ``feeds`` (``samples`` rows), computed in some batch within ``timeout_s``.
+        Requests share a batch when their ``key`` is equal (by default: every input's shape
+        but the batch axis; sequences give their length bucket, see :attr:`pad`).
 
         413 when ``samples`` exceeds the queue itself (no retry can help), 503 when the queue is
         full or the deadline cannot be met now; a request whose client is ``gone`` by the time
@@ -121,7 +146,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self.splittable and samples > self.max_batch_size:
-            return await self._infer_split(feeds, samples, deadline, gone, traces)
+            return await self._infer_split(feeds, samples, deadline, gone, traces, key)
         self._admit(samples, deadline - loop.time())
         if not self._queue and not self._running and not self.max_queue_delay_s:
             if not self._inline(samples):
@@ -129,7 +154,13 @@ class DynamicBatcher:
             if await self._alone():
                 return await self._run_now(feeds, samples, loop, traces, inline=True)
         item = _Item(
-            feeds, samples, loop.create_future(), deadline, loop.time(), _shape_key(feeds), gone
+            feeds,
+            samples,
+            loop.create_future(),
+            deadline,
+            loop.time(),
+            _shape_key(feeds) if key is None else key,
+            gone,
         )
         if traces is not None:
             item.trace = Trace(enqueued=time.time_ns())
@@ -214,6 +245,7 @@ class DynamicBatcher:
         deadline: float,
         gone: Callable[[], bool] | None,
         traces: list[Trace] | None,
+        key: tuple | None = None,
     ) -> list[np.ndarray]:
         """A request larger than the maximum batch: its chunks queue as separate requests."""
         self._admit(samples, deadline - asyncio.get_running_loop().time())
@@ -226,6 +258,7 @@ class DynamicBatcher:
                     deadline - asyncio.get_running_loop().time(),
                     gone,
                     traces,
+                    key,
                 )
                 for i in range(0, samples, step)
             )
@@ -326,11 +359,7 @@ class DynamicBatcher:
             await self._run_batch(batch, loop)
 
     async def _run_batch(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
-        names = batch[0].feeds.keys()
-        if len(batch) == 1:
-            merged = batch[0].feeds
-        else:
-            merged = {k: np.concatenate([it.feeds[k] for it in batch]) for k in names}
+        merged = _merge([it.feeds for it in batch], self.pad)
         samples = sum(it.samples for it in batch)
         self._running = True
         try:

@@ -32,8 +32,10 @@ from ..core.errors import (
     ServingError,
 )
 from ..core.protocol import InferRequest, RequestedOutput, select_outputs, validate_inputs
+from ..core.tokenizer import TEXT_INPUT, truncation
 from .lifecycle import Lifecycle
 from .metrics import metrics
+from .sequences import infer_texts
 from .store import LoadedModel, ModelStore, index
 from .tracing import Call
 from .traffic import Shadows
@@ -66,6 +68,9 @@ class Inference:
     outputs: list[RequestedOutput]
     values: dict[str, np.ndarray]
     samples: int = 1
+    #: what the graph ran on when it differs from the request's tensors (a text model's
+    #: token ids), for a shadow copy
+    feeds: dict[str, np.ndarray] | None = None
 
 
 #: a transport's decoder: the resolved model in, the request's tensors out (a v2 body is read
@@ -148,7 +153,8 @@ class DataPlane:
         meters.duration.observe(time.perf_counter() - start)
         if span is not None:
             self._end_span(span, call, model.labels, "success")
-        self.shadows.offer(done.model, done.request.inputs, done.samples, done.values)
+        graph_inputs = done.feeds if done.feeds is not None else done.request.inputs
+        self.shadows.offer(done.model, graph_inputs, done.samples, done.values)
         return answer
 
     def _count(
@@ -168,15 +174,26 @@ class DataPlane:
         session, batcher = model.session, model.batcher
         assert session is not None and batcher is not None  # resolve() returns ready models
         wanted = select_outputs(request, session.output_names, model.name)
-        samples = validate_inputs(request, session.inputs, model.name)
+        samples = validate_inputs(request, model.inputs, model.name)
         timeout = self.settings.request_timeout_s
         gone, timings = (call.gone, call.timings) if call is not None else (None, None)
-        outputs = await batcher.infer(
-            request.inputs, samples, timeout, gone, timings if self.tracer else None
-        )
-        return Inference(
-            model, request, wanted, dict(zip(session.output_names, outputs, strict=True)), samples
-        )
+        traces = timings if self.tracer else None
+        feeds = None
+        if model.text is not None:
+            outputs, feeds = await infer_texts(
+                model.text,
+                batcher,
+                request.inputs[TEXT_INPUT],
+                truncation(request.parameters, model.name),
+                self.settings.sequence_batching,
+                timeout,
+                gone,
+                traces,
+            )
+        else:
+            outputs = await batcher.infer(request.inputs, samples, timeout, gone, traces)
+        values = dict(zip(session.output_names, outputs, strict=True))
+        return Inference(model, request, wanted, values, samples, feeds)
 
     # ---------------------------------------------------------------- tracing (when on)
 
@@ -259,7 +276,7 @@ class DataPlane:
             "name": model.name,
             "versions": [str(v) for v in entry.serving],
             "platform": PLATFORM,
-            "inputs": [t.to_dict() for t in model.session.inputs],
+            "inputs": [t.to_dict() for t in model.inputs],
             "outputs": [t.to_dict() for t in model.session.outputs],
             "parameters": {
                 "version": str(model.version),

@@ -19,9 +19,16 @@ import numpy as np
 import onnxruntime as ort
 
 from ..core.datatypes import from_numpy, to_numpy
-from ..core.repository import Manifest, ModelRepository, ModelVersion, RepositoryError
+from ..core.repository import (
+    Manifest,
+    ModelRepository,
+    ModelVersion,
+    RepositoryError,
+    TensorSpec,
+)
 from ..core.runtime import ModelLoadError, OrtSession, RuntimeOptions
 from ..core.settings import ModelServing, Settings
+from ..core.tokenizer import TextEncoder, TokenizerSpec
 from ..core.validation import Expected
 from .batcher import BatchObserver, DynamicBatcher
 from .metrics import Meters, metrics
@@ -61,6 +68,15 @@ class LoadedModel:
     owner: LoadedVersion | None = field(default=None, repr=False)
     #: its request metrics, bound to its labels
     meters: Meters | None = field(default=None, repr=False)
+    #: text models: the tokenizer the server applies (the model then takes ``text``)
+    text: TextEncoder | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """What a request sends: the graph's inputs, or ``text`` for a text model."""
+        if self.text is not None:
+            return self.text.inputs
+        return self.session.inputs if self.session is not None else []
 
     @property
     def ready(self) -> bool:
@@ -178,16 +194,37 @@ class VersionLoader:
         )
         try:
             warm_up(model)
-        except LoadRefused:
+            model.text = self._text(entry, session)
+        except (LoadRefused, RepositoryError):
             session.close()
             raise
         model.batcher = self._batcher(model)
-        model.expected = Expected.of(model.name, session.inputs, model.batcher.max_queue_size)
+        model.expected = Expected.of(model.name, model.inputs, model.batcher.max_queue_size)
         model.meters = Meters(model.labels)
         m = metrics()
         m.load_seconds.labels(*model.labels).set(session.load_seconds)
         m.model_info.labels(*model.labels, session.provider).set(1)
         return model
+
+    def _text(self, entry: ModelVersion, session: OrtSession) -> TextEncoder | None:
+        """The tokenizer a text model declares, checked against its sha256 and its graph."""
+        declared = entry.manifest.tokenizer
+        if declared is None:
+            return None
+        try:
+            spec = TokenizerSpec.parse(declared, entry.name)
+            entry.verify([spec.file])
+            encoder = TextEncoder(entry.path / spec.file, spec, entry.name)
+        except ValueError as exc:
+            raise LoadRefused(str(exc)) from None
+        graph = {t.name: t for t in session.inputs}
+        wanted = {spec.ids, spec.mask}
+        if set(graph) != wanted or any(graph[n].datatype != "INT64" for n in wanted):
+            raise LoadRefused(
+                f"{session.path}: the tokenizer fills INT64 inputs {sorted(wanted)}, the graph "
+                f"takes {[t.to_dict() for t in session.inputs]}"
+            )
+        return encoder
 
     def _unservable(self, manifest: Manifest, variant: str) -> str | None:
         entry = manifest.variants[variant]
@@ -235,6 +272,7 @@ class VersionLoader:
             retry_after_s=self.settings.retry_after_s,
             inline_run_s=self.settings.inline_run_us / 1e6,
             splittable=splittable,
+            pad=model.text.pad if model.text is not None else None,
             observer=BatchObserver(queue_wait=queue.observe, batch=on_batch),
         )
 

@@ -39,6 +39,8 @@ def test_bentoml_build_has_the_repository_and_only_serving_dependencies(
         assert (bento / "src" / "service" / room).is_file(), f"the Bento lacks service/{room}"
     requirements = (bento / "env" / "python" / "requirements.txt").read_text().lower()
     assert "onnxruntime" in requirements and "bentoml==1.4.39" in requirements
-    for heavy in ("torch", "scikit-learn", "skl2onnx", "onnxscript"):
+    assert "tokenizers" in requirements  # text models are tokenized by the server
+    heavy_libraries = ("torch", "scikit-learn", "skl2onnx", "onnxscript", "transformers")
+    for heavy in (*heavy_libraries, "sentence-transformers"):
         assert f"\n{heavy}==" not in requirements, f"the Bento would install {heavy}"
     assert "BENTOML_DO_NOT_TRACK" in (bento / "bento.yaml").read_text()

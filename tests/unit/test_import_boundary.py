@@ -36,7 +36,14 @@ ARROWS: dict[str, set[str]] = {
     "loadtest.locustfile": set(),
     "loadtest.baselines": set(),
     "loadtest.samples": {"export.data"},  # only to rewrite samples.npz from the datasets
-    "loadtest.serving": {"loadtest.samples", "service.core", "export.compress"},
+    "loadtest.texts": {"export.corpora"},  # only to rewrite texts.json.gz from the corpora
+    "loadtest.serving": {
+        "loadtest.samples",
+        "loadtest.texts",
+        "service.core",
+        "export.compress",
+        "export.corpora",  # make bench-text scores every 20 Newsgroups test post served
+    },
     "loadtest.bench_batch": {"service.core", "service.batch", "export.data"},
 }
 
@@ -112,7 +119,14 @@ def test_the_arrow_checker_sees_lazy_and_relative_imports() -> None:
 
 #: module prefix -> what importing it must never pull in
 LIGHT: dict[str, tuple[str, ...]] = {
-    "service": ("torch", "sklearn", "skl2onnx", "onnxscript"),
+    "service": (
+        "torch",
+        "sklearn",
+        "skl2onnx",
+        "onnxscript",
+        "transformers",
+        "sentence_transformers",
+    ),
     "export.sklearn_zoo": ("torch",),
     "export.data": ("torch",),
     "loadtest.locustfile": ("torch", "sklearn", "service", "export"),
@@ -145,3 +159,18 @@ def test_light_module_does_not_pull_in_heavy_libraries(module: str, heavy: tuple
     if out.stdout.startswith("MISSING "):
         pytest.skip(f"{module} needs {out.stdout.split()[1]}, an optional extra not installed")
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
+
+
+def test_the_serving_install_lists_no_training_library() -> None:
+    """``pip install 'slimserve[serve]'`` (and the Bento): no torch, transformers,
+    sentence-transformers or scikit-learn; text models need only ``tokenizers``."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    serve = project["optional-dependencies"]["serve"]
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in serve}
+    heavy = {"torch", "transformers", "sentence-transformers", "scikit-learn", "onnxscript"}
+    assert not names & heavy
+    assert "tokenizers" in names
+    core = {req.split(">")[0].split("=")[0].strip().lower() for req in project["dependencies"]}
+    assert not core & heavy
