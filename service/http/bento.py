@@ -101,10 +101,34 @@ class SlimServe:
 
     @bentoml.api(route="/classify", input_spec=friendly.ClassifyRequest, output_spec=dict)
     async def classify(
-        self, model: str, rows: list[list[float]], top_k: int = 1
+        self,
+        model: str,
+        rows: list[list[float]] | None = None,
+        texts: list[str] | None = None,
+        truncate: bool = False,
+        top_k: int = 1,
     ) -> Answer | ErrorResponse:
-        """Labels and probabilities for each row, best first."""
-        return await _fallback(friendly.classify(self.dataplane, model, rows, top_k))
+        """Labels and probabilities for each row (or text, for text classifiers), best first."""
+        return await _fallback(
+            friendly.classify(self.dataplane, model, rows, top_k, None, texts, truncate)
+        )
+
+    @bentoml.api(route="/embed", input_spec=friendly.EmbedRequest, output_spec=dict)
+    async def embed(
+        self, model: str, texts: list[str], truncate: bool = False
+    ) -> Answer | ErrorResponse:
+        """One embedding per text (text-minilm: 384 numbers of unit norm)."""
+        return await _fallback(friendly.embed(self.dataplane, model, texts, truncate))
+
+    @bentoml.api(route="/forecast", input_spec=friendly.ForecastRequest, output_spec=dict)
+    async def forecast(
+        self,
+        model: str,
+        history: list[float] | list[list[float]],
+        horizon: int | None = None,
+    ) -> Answer | ErrorResponse:
+        """The next values of a series (or of several of one length), in its own units."""
+        return await _fallback(friendly.forecast(self.dataplane, model, history, horizon))
 
     @bentoml.api(route="/regress", input_spec=friendly.RowsRequest, output_spec=dict)
     async def regress(self, model: str, rows: list[list[float]]) -> Answer | ErrorResponse:

@@ -1,6 +1,8 @@
-"""Plain-JSON endpoints for people who do not speak v2: classify, regress, generate, transform.
+"""Plain-JSON endpoints for people who do not speak v2: classify, regress, generate, transform,
+embed and forecast.
 
-Each takes a model name and rows of numbers and hands the dataplane a decoder (rows -> the
+Each takes a model name and rows of numbers (texts for text models, a history for
+forecasters) and hands the dataplane a decoder (rows -> the
 model's input tensor) and an encoder (outputs -> an answer in the task's terms): the model runs
 the one way every transport runs it (:meth:`DataPlane.infer`). Their request bodies are the
 pydantic models below, one schema for the lean handler (:class:`FriendlyApp`, which serves
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..core.datatypes import from_numpy, to_numpy
 from ..core.errors import InvalidInput, MethodNotAllowed, UnsupportedMediaType
 from ..core.protocol import InferRequest, dumps
+from ..core.tokenizer import TEXT_INPUT
 from ..serving.dataplane import DataPlane, Decode, Inference
 from ..serving.store import LoadedModel
 from ..serving.tracing import Call
@@ -35,6 +38,10 @@ __all__ = [
     "png_base64",
     "MAX_GENERATE",
     "ClassifyRequest",
+    "EmbedRequest",
+    "ForecastRequest",
+    "embed",
+    "forecast",
     "RowsRequest",
     "GenerateRequest",
     "FriendlyApp",
@@ -42,6 +49,10 @@ __all__ = [
 ]
 
 MAX_GENERATE = 1024
+MAX_TEXTS = 4096
+MAX_HORIZON = 240
+#: the longest history /forecast takes (a recurrent model's time grows with it)
+MAX_HISTORY = 10_000
 
 ModelName = Annotated[
     str,
@@ -69,10 +80,62 @@ class RowsRequest(BaseModel):
     rows: Rows
 
 
-class ClassifyRequest(RowsRequest):
-    """The body of /classify."""
+Texts = Annotated[
+    list[str],
+    Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description="Strings, tokenized by the server with the model's own tokenizer.",
+    ),
+]
+Truncate = Annotated[
+    bool,
+    Field(description="Cut texts longer than the model takes (else such a text gets 400)."),
+]
 
+
+class ClassifyRequest(BaseModel):
+    """The body of /classify: ``rows`` of numbers, or ``texts`` for a text classifier."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: ModelName
+    rows: Rows | None = None
+    texts: Texts | None = None
+    truncate: Truncate = False
     top_k: int = Field(1, ge=1, le=100, description="How many labels per row, best first.")
+
+
+class EmbedRequest(BaseModel):
+    """The body of /embed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: ModelName
+    texts: Texts
+    truncate: Truncate = False
+
+
+class ForecastRequest(BaseModel):
+    """The body of /forecast."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: ModelName
+    history: (
+        Annotated[list[float], Field(min_length=1, max_length=MAX_HISTORY)]
+        | Annotated[
+            list[Annotated[list[float], Field(min_length=1, max_length=MAX_HISTORY)]],
+            Field(min_length=1),
+        ]
+    ) = Field(
+        description="The series so far in its own units, oldest first (or a list of series "
+        "of one length)."
+    )
+    horizon: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_HORIZON,
+        description="Steps to forecast (default: the model's own horizon). Beyond it, the "
+        "forecast is fed back as history, step by step.",
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -103,6 +166,8 @@ def describe(exc: ValidationError) -> str:
 def _single_input(model: LoadedModel, rows: list[list[float]]) -> InferRequest:
     """Rows of features -> the model's one input, reshaped to its declared shape."""
     assert model.session is not None
+    if model.text is not None:
+        raise InvalidInput(f"model '{model.name}' takes text: send 'texts' instead of 'rows'")
     if len(model.session.inputs) != 1:
         names = [t.name for t in model.session.inputs]
         raise InvalidInput(
@@ -136,6 +201,8 @@ TASKS = {
     "regress": ("regression",),
     "transform": ("dimensionality_reduction", "encoding", "clustering", "reconstruction"),
     "generate": ("generation",),
+    "embed": ("embedding",),
+    "forecast": ("forecasting",),
 }
 
 
@@ -162,14 +229,36 @@ def _answer(model: LoadedModel, **body: Any) -> dict[str, Any]:
     return {"model": model.name, "version": str(model.version), "variant": model.variant, **body}
 
 
+def _texts_for(endpoint: str, texts: list[str] | None, truncate: bool) -> Decode:
+    """The decoder of text endpoints: the task check, then strings -> the ``text`` input."""
+
+    async def decode(model: LoadedModel) -> InferRequest:
+        _check_task(model, endpoint)
+        if model.text is None:
+            raise InvalidInput(
+                f"model '{model.name}' takes numbers, not text: send 'rows' instead of 'texts'"
+            )
+        data = np.empty(len(texts or ()), dtype=object)
+        data[:] = texts or []
+        return InferRequest(
+            {TEXT_INPUT: data}, {TEXT_INPUT: "BYTES"}, parameters={"truncate": truncate}
+        )
+
+    return decode
+
+
 async def classify(
     dataplane: DataPlane,
     name: str,
-    rows: list[list[float]],
+    rows: list[list[float]] | None,
     top_k: int = 1,
     call: Call | None = None,
+    texts: list[str] | None = None,
+    truncate: bool = False,
 ) -> dict[str, Any]:
-    """Labels with probabilities, best first (``top_k`` of them per row)."""
+    """Labels with probabilities, best first (``top_k`` of them per row or text)."""
+    if (rows is None) == (texts is None):
+        raise InvalidInput("/classify: expected either 'rows' (numbers) or 'texts' (strings)")
 
     def encode(done: Inference) -> dict[str, Any]:
         model = done.model
@@ -189,7 +278,82 @@ async def classify(
             predictions.append({**ranked[0], "top_k": ranked})
         return _answer(model, predictions=predictions)
 
-    return await dataplane.infer(name, None, _rows_for("classify", rows), encode, call)
+    decode = (
+        _texts_for("classify", texts, truncate)
+        if texts is not None
+        else _rows_for("classify", rows or [])
+    )
+    return await dataplane.infer(name, None, decode, encode, call)
+
+
+async def embed(
+    dataplane: DataPlane,
+    name: str,
+    texts: list[str],
+    truncate: bool = False,
+    call: Call | None = None,
+) -> dict[str, Any]:
+    """One embedding per text."""
+
+    def encode(done: Inference) -> dict[str, Any]:
+        matrices = [v for v in done.values.values() if v.ndim == 2]
+        if not matrices:
+            raise InvalidInput(f"model '{name}' has no [-1, dimensions] output to embed with")
+        embeddings = matrices[0]
+        return _answer(done.model, dimensions=embeddings.shape[1], embeddings=embeddings.tolist())
+
+    return await dataplane.infer(name, None, _texts_for("embed", texts, truncate), encode, call)
+
+
+async def forecast(
+    dataplane: DataPlane,
+    name: str,
+    history: list[float] | list[list[float]],
+    horizon: int | None = None,
+    call: Call | None = None,
+) -> dict[str, Any]:
+    """The next ``horizon`` values of each series, in its own units. A horizon longer than the
+    model's own is reached step by step, each forecast appended to the history."""
+    several = bool(history) and isinstance(history[0], list)
+    series = history if several else [history]
+    if len({len(s) for s in series}) != 1:  # type: ignore[arg-type]
+        lengths = sorted({len(s) for s in series})  # type: ignore[arg-type]
+        raise InvalidInput(f"'history': the series have different lengths {lengths[:8]}")
+    values = np.asarray(series, dtype=np.float64)
+    done_steps: list[np.ndarray] = []
+    state: dict[str, Any] = {}
+
+    async def decode(model: LoadedModel) -> InferRequest:
+        _check_task(model, "forecast")
+        assert model.session is not None
+        if len(model.session.inputs) != 1:
+            raise InvalidInput(f"model '{model.name}' takes several inputs; use v2 infer")
+        spec = model.session.inputs[0]
+        state.setdefault("horizon", model.session.outputs[0].shape[-1])
+        so_far = np.concatenate([values, *done_steps], axis=1) if done_steps else values
+        return InferRequest(
+            {spec.name: so_far.astype(to_numpy(spec.datatype))}, {spec.name: spec.datatype}
+        )
+
+    def encode(done: Inference) -> Inference:
+        return done
+
+    while True:
+        done = await dataplane.infer(name, None, decode, encode, call)
+        step = next(iter(done.values.values())).reshape(len(series), -1).astype(np.float64)
+        done_steps.append(step)
+        total = sum(s.shape[1] for s in done_steps)
+        wanted = horizon or int(state["horizon"])
+        if total >= wanted:
+            break
+    out = np.concatenate(done_steps, axis=1)[:, :wanted]
+    return _answer(
+        done.model,
+        horizon=wanted,
+        model_horizon=int(state["horizon"]),
+        steps=len(done_steps),
+        forecast=out.tolist() if several else out[0].tolist(),
+    )
 
 
 async def regress(
@@ -328,7 +492,12 @@ Endpoint = Callable[[DataPlane, Any, Call], Awaitable[dict[str, Any]]]
 ROUTES: dict[str, tuple[type[BaseModel], Endpoint]] = {
     "/classify": (
         ClassifyRequest,
-        lambda d, r, g: classify(d, r.model, r.rows, r.top_k, g),
+        lambda d, r, g: classify(d, r.model, r.rows, r.top_k, g, r.texts, r.truncate),
+    ),
+    "/embed": (EmbedRequest, lambda d, r, g: embed(d, r.model, r.texts, r.truncate, g)),
+    "/forecast": (
+        ForecastRequest,
+        lambda d, r, g: forecast(d, r.model, r.history, r.horizon, g),
     ),
     "/regress": (RowsRequest, lambda d, r, g: regress(d, r.model, r.rows, g)),
     "/transform": (RowsRequest, lambda d, r, g: transform(d, r.model, r.rows, g)),

@@ -386,6 +386,17 @@ def examples_from(models: list[LoadedModel]) -> Examples:
         elif len(model.session.inputs) == 1:
             width = math.prod(model.session.inputs[0].shape[1:])
             examples.friendly[f"/{endpoint}"] = {"model": model.name, "rows": [[0.0] * width]}
+    served = [m for m in models if m.ready and m.manifest is not None]
+    texts = ["A man is eating food.", "Shares fell after the rate decision."]
+    for m in served:
+        task = m.manifest.task if m.manifest else ""
+        if m.text is not None and task == "embedding":
+            examples.friendly.setdefault("/embed", {"model": m.name, "texts": texts})
+        if task == "forecasting":
+            history = [float(v) for v in range(40, 160, 5)]
+            examples.friendly.setdefault(
+                "/forecast", {"model": m.name, "history": history, "horizon": 12}
+            )
     return examples
 
 
