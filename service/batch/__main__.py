@@ -74,6 +74,12 @@ def _what_to_run(p: argparse.ArgumentParser) -> None:
         "--variant", help="model variant, e.g. fp32 [default: the manifest's default]"
     )
     what.add_argument(
+        "--truncate",
+        action="store_true",
+        help="text models: keep the first tokens of a text longer than the model takes "
+        "[default: such a row is an error, the others are scored]",
+    )
+    what.add_argument(
         "--repo", type=Path, help="model repository [default: SLIMSERVE_MODEL_REPOSITORY or models]"
     )
     what.add_argument(

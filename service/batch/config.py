@@ -32,6 +32,7 @@ class JobConfig:
     header: bool = True
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     batch_size: int | None = None  # None: the model's best (local, ray) or 512 (http)
+    truncate: bool = False  # text models: cut long texts instead of refusing their rows
     max_error_rate: float = 0.01
     errors_path: Path | None = None  # None: <output>.errors.jsonl
     resume: bool = False

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,9 +130,11 @@ def _make_engine(config: JobConfig, journal: dict[str, Any] | None) -> tuple[Eng
             config.timeout_s,
             config.retry_backoff_s,
             local=local,
+            truncate=config.truncate,
         )
         return engine, engine.open()
     model = from_repository(repo, config.model, version, variant)
+    model = replace(model, truncate=config.truncate)
     if config.engine == "ray":
         try:
             from .engines.ray import RayEngine

@@ -15,10 +15,14 @@ import numpy as np
 
 from service.core.datatypes import V2_TO_NUMPY
 from service.core.repository import Manifest, ModelRepository, RepositoryError, TensorSpec
+from service.core.tokenizer import TEXT_INPUT
 
 from .errors import SetupError
 
-__all__ = ["ModelSpec", "OutputColumn", "from_repository", "from_metadata"]
+__all__ = ["ModelSpec", "OutputColumn", "TEXT", "from_repository", "from_metadata"]
+
+#: what a text model takes, in the repository and on the wire alike: one string per row
+TEXT = TensorSpec(TEXT_INPUT, "BYTES", (-1,))
 
 
 def ort_providers() -> list[str]:
@@ -50,6 +54,16 @@ class ModelSpec:
     labels: tuple[str, ...] | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the ONNX file, for in-process engines
+    #: text models: the manifest's tokenizer and its file (in-process engines tokenize)
+    tokenizer: dict[str, Any] | None = None
+    tokenizer_path: Path | None = None
+    #: text models: cut texts longer than the model takes (else each is a row error)
+    truncate: bool = False
+
+    @property
+    def is_text(self) -> bool:
+        """The model takes strings (one text column), tokenized before it runs."""
+        return self.input.datatype == "BYTES"
 
     @property
     def label(self) -> str:
@@ -135,9 +149,11 @@ def _check_signature(name: str, inputs: list[TensorSpec], outputs: list[TensorSp
         names = [t.name for t in inputs]
         raise SetupError(
             f"model '{name}' takes {len(inputs)} inputs {names}; batch jobs feed models with "
-            "exactly one input (one row of numbers per sample)"
+            "exactly one input (one row of numbers per sample, or one text)"
         )
     spec = inputs[0]
+    if spec == TEXT:
+        return _check_outputs(name, outputs)
     if any(d < 0 for d in spec.shape[1:]) or not spec.shape:
         raise SetupError(
             f"input '{spec.name}' of model '{name}' has shape {list(spec.shape)}; batch jobs "
@@ -146,7 +162,12 @@ def _check_signature(name: str, inputs: list[TensorSpec], outputs: list[TensorSp
     if spec.datatype not in V2_TO_NUMPY or spec.datatype == "BYTES":
         raise SetupError(
             f"input '{spec.name}' of model '{name}' is {spec.datatype}; batch jobs feed numbers"
+            " (or text to a model whose manifest declares a tokenizer)"
         )
+    _check_outputs(name, outputs)
+
+
+def _check_outputs(name: str, outputs: list[TensorSpec]) -> None:
     bad = [o.name for o in outputs if o.datatype == "BYTES"]
     if bad:
         raise SetupError(f"model '{name}': outputs {bad} are strings; batch jobs write numbers")
@@ -182,17 +203,21 @@ def from_repository(
             f"model '{name}' version {entry.version}: variant {chosen!r} is not available"
             + (f" ({record.reason})" if record.reason else "")
         )
-    _check_signature(name, manifest.inputs, manifest.outputs)
+    inputs = [TEXT] if manifest.tokenizer else manifest.inputs
+    _check_signature(name, inputs, manifest.outputs)
+    tokenizer = dict(manifest.tokenizer) if manifest.tokenizer else None
     return ModelSpec(
         name=name,
         version=entry.version,
         variant=chosen,
-        input=manifest.inputs[0],
+        input=inputs[0],
         outputs=tuple(manifest.outputs),
         task=manifest.task,
         labels=tuple(manifest.labels) if manifest.labels else None,
         preprocessing=dict(manifest.preprocessing),
         path=path,
+        tokenizer=tokenizer,
+        tokenizer_path=entry.path / str(tokenizer["file"]) if tokenizer else None,
     )
 
 
@@ -226,4 +251,5 @@ def from_metadata(doc: dict[str, Any], name: str, local: ModelSpec | None = None
         labels=local.labels if same and local else None,
         preprocessing=dict(local.preprocessing) if same and local else {},
         path=None,
+        tokenizer=local.tokenizer if same and local else None,
     )

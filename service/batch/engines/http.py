@@ -47,8 +47,10 @@ class HttpEngine(Engine):
         timeout_s: float = 60.0,
         backoff_s: float = 0.5,
         local: ModelSpec | None = None,
+        truncate: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
+        self.truncate = truncate
         self.model_name = model_name
         self.version = version
         self.variant = variant
@@ -105,7 +107,11 @@ class HttpEngine(Engine):
                     f"model '{self.model_name}' at {self.url}: variant {self.variant!r} is not "
                     f"served ({why}); served: {served}"
                 )
-        self.model = replace(from_metadata(doc, self.model_name, self.local), variant=self.variant)
+        self.model = replace(
+            from_metadata(doc, self.model_name, self.local),
+            variant=self.variant,
+            truncate=self.truncate,
+        )
         return self.model
 
     def describe(self) -> dict[str, Any]:
@@ -151,8 +157,10 @@ class HttpEngine(Engine):
         import httpx
 
         names = [o.name for o in self.model.outputs]
-        params = {"variant": self.variant} if self.variant else None
-        body, headers = encode_request({self.model.input.name: x}, names, True, params)
+        params: dict[str, Any] = {"variant": self.variant} if self.variant else {}
+        if self.model.is_text and self.truncate:
+            params["truncate"] = True
+        body, headers = encode_request({self.model.input.name: x}, names, True, params or None)
         path = f"{self._model_path}/infer"
         problem = ""
         for attempt in range(self.retries + 1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from service.core.protocol import (
     validate_inputs,
 )
 from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
+from service.core.tokenizer import TextEncoder, TokenizerSpec
 
 from ..errors import JobFailed, SetupError
 from ..model import ModelSpec
@@ -67,6 +68,7 @@ class LocalEngine(Engine):
         self.requested_batch = batch_size
         self.batch_size = batch_size or 0
         self.session: OrtSession | None = None
+        self.text: TextEncoder | None = None  # text models: the tokenizer
 
     def open(self) -> ModelSpec:
         model = self.model
@@ -75,11 +77,15 @@ class LocalEngine(Engine):
             self.session = OrtSession(model.path, model.label, self.options)
         except ModelLoadError as exc:
             raise SetupError(str(exc)) from None
-        if self.session.inputs[0] != model.input:
+        if not model.is_text and self.session.inputs[0] != model.input:
             raise SetupError(
                 f"model '{model.name}': the graph takes {self.session.inputs[0].to_dict()}, "
                 f"its manifest says {model.input.to_dict()}"
             )
+        if model.is_text:
+            self.text = _text_encoder(model, self.session)
+            self.batch_size = self.batch_size or TEXT_BATCH
+            return model
         fixed = model.fixed_batch
         if fixed is not None:
             self.batch_size = fixed
@@ -101,6 +107,8 @@ class LocalEngine(Engine):
         names = self.session.output_names
         if not len(chunk.x):
             return finalize(chunk, {}, {}, model)
+        if self.text is not None:
+            return finalize(chunk, *score_texts(self.text, chunk.x, self._run_text, self), model)
         request = InferRequest(
             {model.input.name: chunk.x}, {model.input.name: model.input.datatype}
         )
@@ -110,6 +118,13 @@ class LocalEngine(Engine):
             raise JobFailed(f"rows {chunk.start}-{chunk.stop - 1}: {exc.message}") from exc
         outputs, failed = run_batches(self._call, chunk.x, self.batch_size, names)
         return finalize(chunk, outputs, failed, model)
+
+    def _run_text(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert self.session is not None
+        try:
+            return self.session.run(feeds)
+        except InferenceFailed as exc:
+            raise JobFailed(exc.message) from exc
 
     def _call(self, x: np.ndarray) -> list[np.ndarray]:
         assert self.session is not None
@@ -124,3 +139,54 @@ class LocalEngine(Engine):
         except InferenceFailed as exc:
             raise JobFailed(exc.message) from exc
         return [o[:n] for o in out] if pad is not None else out
+
+
+#: texts per onnxruntime run (sorted by length first, so a batch pads little)
+TEXT_BATCH = 32
+
+
+def _text_encoder(model: ModelSpec, session: OrtSession) -> TextEncoder:
+    """The model's tokenizer, checked against its graph's token inputs."""
+    assert model.tokenizer is not None and model.tokenizer_path is not None
+    try:
+        spec = TokenizerSpec.parse(model.tokenizer, model.name)
+        encoder = TextEncoder(model.tokenizer_path, spec, model.name)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+    if {t.name for t in session.inputs} != {spec.ids, spec.mask}:
+        raise SetupError(
+            f"model '{model.name}': its tokenizer fills {[spec.ids, spec.mask]}, the graph "
+            f"takes {[t.name for t in session.inputs]}"
+        )
+    return encoder
+
+
+def score_texts(
+    encoder: TextEncoder,
+    texts: np.ndarray,
+    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+    engine: LocalEngine,
+) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Outputs for the acceptable ``texts`` (in order) and why the others were refused.
+    Texts are tokenized once, sorted by token count and run ``engine.batch_size`` at a time,
+    each batch padded to its longest: a chunk of mixed lengths pads little."""
+    ids, why = encoder.encode_rows(texts, engine.model.truncate, "pass --truncate")
+    refused = {i: encoder.problem("the text", reason) for i, reason in why.items()}
+    keep = [i for i in range(len(ids)) if i not in refused]
+    order = sorted(keep, key=lambda i: len(ids[i]))
+    names = engine.session.output_names if engine.session is not None else []
+    parts: list[tuple[list[int], list[np.ndarray]]] = []
+    for lo in range(0, len(order), engine.batch_size):
+        rows = order[lo : lo + engine.batch_size]
+        parts.append((rows, run(encoder.feeds([ids[i] for i in rows]))))
+    if not parts:
+        return {}, refused
+    position = {row: n for n, row in enumerate(keep)}
+    outputs = {}
+    for j, name in enumerate(names):
+        first = parts[0][1][j]
+        merged = np.empty((len(keep), *first.shape[1:]), dtype=first.dtype)
+        for rows, result in parts:
+            merged[[position[r] for r in rows]] = result[j]
+        outputs[name] = merged
+    return outputs, refused

@@ -172,6 +172,8 @@ class Reader(ABC):
                         f"columns are {_show(columns)}"
                     )
                 features += [c for c in hits if c not in features]
+        elif self.model.is_text:
+            features = _text_column(columns, kinds, id_col, str(self.path), self.model.name)
         elif self.model.input.name in columns and kinds.get(self.model.input.name) == "list":
             features = [self.model.input.name]
         else:
@@ -179,6 +181,22 @@ class Reader(ABC):
         if id_col in features:
             raise SetupError(f"input {self.path}: column {id_col!r} is both the id and a feature")
         return features, id_col
+
+
+def _text_column(
+    columns: list[str], kinds: dict[str, str], id_col: str | None, source: str, model: str
+) -> list[str]:
+    """A text model's column: ``text``, else the only column of strings."""
+    if "text" in columns:
+        return ["text"]
+    strings = [c for c in columns if c != id_col and kinds.get(c, "text") == "text"]
+    if len(strings) != 1:
+        raise SetupError(
+            f"input {source}: model '{model}' takes one column of text; there is no 'text' "
+            f"column and {len(strings)} columns of strings {_show(strings)}: name it with "
+            "--features"
+        )
+    return strings
 
 
 def _show(columns: list[str], limit: int = 12) -> str:
@@ -199,7 +217,9 @@ class _Converter:
         self.width = model.width
         target = model.dtype
         self.work = (
-            np.dtype(np.float32)
+            np.dtype(object)
+            if model.is_text
+            else np.dtype(np.float32)
             if target.kind == "f" and target.itemsize <= 4
             else np.dtype(np.float64)
         )
@@ -222,6 +242,9 @@ class _Converter:
         if pa.types.is_null(kind):
             for i in range(len(arr)):
                 reasons.setdefault(i, f"column {name!r} is empty")
+            return
+        if self.model.is_text:
+            self._fill_text(x, offset, arr, name, reasons)
             return
         if (
             pa.types.is_list(kind)
@@ -278,6 +301,24 @@ class _Converter:
         else:
             x[good, offset : offset + width] = flat
 
+    def _fill_text(self, x: np.ndarray, offset: int, arr: Any, name: str, reasons: dict) -> None:
+        """A column of strings for a text model (numbers are read as their text)."""
+        pa = pyarrow_module()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            try:
+                arr = pa.compute.cast(arr, pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise JobFailed(
+                    f"input {self.source}: column {name!r} holds {arr.type}; model "
+                    f"'{self.model.name}' takes text"
+                ) from None
+        values = arr.to_pylist()
+        for i, v in enumerate(values):
+            if v is None:
+                reasons.setdefault(i, f"column {name!r} is empty")
+                values[i] = ""
+        x[:, offset] = values
+
     @staticmethod
     def _parse_strings(values: list[Any], name: str, reasons: dict[int, str]) -> np.ndarray:
         out = np.zeros(len(values))
@@ -308,7 +349,7 @@ class _Converter:
         ``rows[i]`` is the input row number of ``x[i]``; ``columns`` lists (name, width) in
         order, to name the column of a NaN; ``errors`` are rows that never reached ``x``.
         """
-        finite = np.isfinite(x).all(axis=1)
+        finite = np.ones(len(x), bool) if self.model.is_text else np.isfinite(x).all(axis=1)
         if not finite.all():
             edges = np.cumsum([w for _, w in columns])
             for i in np.flatnonzero(~finite).tolist():
@@ -426,6 +467,13 @@ def widths(reader: Reader, features: list[str], types: dict[str, Any]) -> list[t
     known = sum(fixed.values())
     need = reader.model.width
     spec = reader.model.input
+    if reader.model.is_text:
+        if len(features) != 1 or variable:
+            raise SetupError(
+                f"input {reader.path}: model '{reader.model.name}' takes one column of text; "
+                f"got feature columns {_show(features)}"
+            )
+        return [(features[0], 1)]
     expectation = (
         f"model '{reader.model.name}' takes {need} numbers per row (input '{spec.name}' "
         f"{spec.datatype}{list(spec.shape)})"

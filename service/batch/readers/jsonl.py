@@ -132,7 +132,7 @@ class JsonLinesReader(LineReader):
             if reason:
                 reasons[i] = reason
         rows = np.arange(start, stop, dtype=np.int64)
-        x[list(reasons)] = 0.0  # judged already; keep NaN checks quiet
+        x[list(reasons)] = "" if self.model.is_text else 0.0  # judged already: no NaN checks
         return self.converter.finish(
             index,
             start,
@@ -188,6 +188,11 @@ class JsonLinesReader(LineReader):
                 return f"{len(values)} values, expected {self.model.width}"
         else:
             return f"a JSON {type(obj).__name__}; expected an object or an array"
+        if self.model.is_text:
+            if not isinstance(values[0], str):
+                return f"{values[0]!r} is not text; model '{self.model.name}' takes strings"
+            x[i] = values
+            return None
         for j, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, int | float):
                 try:
