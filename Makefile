@@ -25,6 +25,7 @@ help:
 	@echo "make bench-batch  batch job vs in-process onnxruntime on 1,000,000 rows (about 3 min)"
 	@echo "make bench-overload   slimserve offered 4x its capacity (about 1 min)"
 	@echo "make bench-workers    1 and N workers, onnxruntime threads, auto (about 6 min)"
+	@echo "make bench-text   text models: bucketed vs padded batching, endpoints, batch jobs"
 	@echo "make profile  py-spy flame graph of the worker under the CNN JSON c=64 load (1 min)"
 	@echo "make soak     mixed traffic for SOAK_MINUTES (5), memory and descriptors over time"
 	@echo "make lint     ruff, ruff format --check, mypy"
@@ -89,6 +90,12 @@ bench-ab: install
 
 # Workers and onnxruntime threads: each sensible split of this machine's CPUs and auto,
 # alternately, on the headline cells; results in loadtest/results/<UTC time>-workers/
+# Text and sequence models: bucketed vs padded batching, the text endpoints, batch jobs over
+# text, and news-minilm's accuracy served; needs the text models (make models); about 12 min
+.PHONY: bench-text
+bench-text: install
+	$(PY) -m loadtest.serving.text --repo $(REPO) $(BENCH_ARGS)
+
 .PHONY: bench-workers
 bench-workers: install
 	$(PY) -m loadtest.serving.workers $(BENCH_ARGS)

@@ -6,6 +6,9 @@ Scenarios (pick one or more by class name):
 - ``V2BinaryUser``: 32 digits per request with Triton's binary tensor extension.
 - ``FriendlyUser``: the plain-JSON endpoints (classify, regress, transform, generate).
 - ``MixedUser``: v2 JSON across several models at once (``--models``).
+- ``TextUser``: the text and sequence models: one text of mixed length per ``/embed``
+  (text-minilm), ``/classify`` with texts (news-minilm), v2 ``text`` BYTES requests, and
+  ``/forecast`` (sunspots-lstm).
 
 ``make loadtest`` runs one headless, bounded in users and time (see the Makefile), e.g.
 ``locust -f loadtest/locustfile.py --headless -u 16 -t 30s -H http://127.0.0.1:3000 MixedUser``.
@@ -17,6 +20,7 @@ scikit-learn nor anything of slimserve.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from functools import cache
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 from locust import FastHttpUser, between, events, task
 
-__all__ = ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser", "PAYLOADS"]
+__all__ = ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser", "TextUser", "PAYLOADS"]
 
 #: model -> (dataset, input name, per-sample shape), for the zoo models a scenario may call
 PAYLOADS: dict[str, tuple[str, str, list[int]]] = {
@@ -46,6 +50,8 @@ PAYLOADS: dict[str, tuple[str, str, list[int]]] = {
 DEFAULT_MIXED = "digits-cnn,digits-mlp,diabetes-svr,iris-knn,wine-decision-tree,digits-pca"
 #: dataset -> its test split, (rows, features) float32; see loadtest/samples.py
 SAMPLES = Path(__file__).resolve().with_name("samples.npz")
+#: texts of mixed length and a sunspot history; see loadtest/texts.py
+TEXTS = Path(__file__).resolve().with_name("texts.json.gz")
 
 
 @events.init_command_line_parser.add_listener
@@ -63,6 +69,12 @@ def _test_splits() -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+@cache
+def _texts() -> dict[str, Any]:
+    with gzip.open(TEXTS, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def _test_split(dataset: str) -> np.ndarray:
     return _test_splits()[dataset]
 
@@ -78,6 +90,7 @@ def _load_payloads(**_kwargs: Any) -> None:
     request, not a file read blocking the event loop (and a missing dataset fails here)."""
     for dataset in {d for d, _, _ in PAYLOADS.values()}:
         _test_split(dataset)
+    _texts()
 
 
 def _dumps(doc: dict[str, Any]) -> bytes:
@@ -214,3 +227,43 @@ class MixedUser(_Slimserve):
         x = self.rows[model]
         i = random.randrange(len(x))
         self.infer(model, _json_body(model, x[i : i + 1]))
+
+
+class TextUser(_Slimserve):
+    """Text in: mixed lengths (4 to 300 words), so padding and bucketing show."""
+
+    def on_start(self) -> None:
+        self.texts = _texts()["mixed"]
+        self.history = _texts()["sunspots"]
+
+    def _post(self, endpoint: str, body: dict, name: str) -> None:
+        with self.client.post(f"/{endpoint}", json=body, name=name, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+
+    @task(4)
+    def embed(self) -> None:
+        text = random.choice(self.texts)
+        self._post("embed", {"model": "text-minilm", "texts": [text], "truncate": True}, "embed")
+
+    @task(2)
+    def classify(self) -> None:
+        body = {"model": "news-minilm", "texts": [random.choice(self.texts)], "truncate": True}
+        self._post("classify", body, "classify text")
+
+    @task(2)
+    def v2_text(self) -> None:
+        texts = random.sample(self.texts, 4)
+        body = _dumps(
+            {
+                "inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": texts}],
+                "parameters": {"truncate": True},
+            }
+        )
+        self.infer("text-minilm", body, samples=4)
+
+    @task(1)
+    def forecast(self) -> None:
+        start = random.randrange(0, len(self.history) - 120)
+        body = {"model": "sunspots-lstm", "history": self.history[start : start + 120]}
+        self._post("forecast", body, "forecast")
