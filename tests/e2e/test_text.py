@@ -11,6 +11,9 @@ import struct
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import tritonclient.http as triton
 
@@ -253,3 +256,71 @@ def test_locust_text_scenario_runs_without_failures(server, tmp_path) -> None:
     rows = run_locust(server, tmp_path, "TextUser")
     assert {"embed", "classify text", "forecast", "v2 infer text-minilm"} <= set(rows)
     assert int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+# ------------------------------------------------------------------------------- batch jobs
+
+
+@pytest.fixture(scope="module")
+def posts(tmp_path_factory: pytest.TempPathFactory):
+    """60 short news posts as JSON Lines (one too long, one not text) and as CSV."""
+    from export.corpora import text_corpus
+
+    folder = tmp_path_factory.mktemp("posts")
+    docs = [" ".join(t.split()[:60]) for t in text_corpus("20newsgroups", "test").texts[:60]]
+    rows = [{"id": i, "text": t} for i, t in enumerate(docs)]
+    rows[7]["text"] = "word " * 400  # over news-minilm's 128 tokens
+    rows[11]["text"] = 5  # not text
+    jsonl = folder / "posts.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv = folder / "posts.csv"
+    table = pa.table({"doc": [str(r["text"]) for r in rows], "n": list(range(len(rows)))})
+    pacsv.write_csv(table, csv)
+    return folder, jsonl, csv, docs
+
+
+def _scores(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_job_scores_a_text_column_like_in_process(server, posts) -> None:
+    from service.batch import JobConfig, run_job
+
+    folder, jsonl, _, docs = posts
+    out = folder / "topics.jsonl"
+    summary = run_job(
+        JobConfig("news-minilm", jsonl, out, repo=server.repo.root,
+                  variant="fp32", progress=False, max_error_rate=0.1, overwrite=True)
+    )  # fmt: skip
+    assert (summary.rows, summary.errors) == (60, 2)
+    errors = _scores(folder / "topics.jsonl.errors.jsonl")
+    assert [e["row"] for e in errors] == [7, 11]
+    assert "the text is 402 tokens long, more than the 128" in errors[0]["reason"]
+    assert "pass --truncate" in errors[0]["reason"] and "is not text" in errors[1]["reason"]
+    scored = _scores(out)
+    kept = [i for i in range(60) if i not in (7, 11)]
+    assert [r["row"] for r in scored] == kept
+    [labels, probabilities] = _local(server, "news-minilm")([docs[i] for i in kept])
+    assert [r["label"] for r in scored] == labels.tolist()
+    assert np.allclose([r["probabilities"] for r in scored], probabilities, atol=1e-5)
+    assert scored[0]["label_name"] == server.repo.get("news-minilm").manifest.labels[labels[0]]
+
+
+@pytest.mark.parametrize("engine", ["local", "http"])
+def test_batch_job_truncates_when_asked_and_reads_a_named_csv_column(server, posts, engine):
+    from service.batch import JobConfig, run_job
+
+    folder, _, csv, _ = posts
+    out = folder / f"vectors-{engine}.parquet"
+    summary = run_job(
+        JobConfig("text-minilm", csv, out, repo=server.repo.root, engine=engine, url=server.url,
+                  features=("doc",), id_column="n", truncate=True, variant="fp32",
+                  progress=False, overwrite=True)
+    )  # fmt: skip
+    assert (summary.rows, summary.errors) == (60, 0)  # "5" is text in a CSV; long ones cut
+    table = pq.read_table(out)
+    vectors = np.array(table.column("sentence_embedding").to_pylist(), dtype=np.float32)
+    assert vectors.shape == (60, 384) and table.column("n").to_pylist() == list(range(60))
+    source = [str(v) for v in pacsv.read_csv(csv).column("doc").to_pylist()]
+    [local] = _local(server, "text-minilm")(source)
+    assert np.allclose(vectors, local, atol=2e-5)
