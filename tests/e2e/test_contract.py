@@ -25,5 +25,5 @@ def test_the_server_keeps_its_published_contract(server) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     report = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, report
-    assert "Selected: 22/22" in report and " passed" in report
+    assert "Selected: 24/24" in report and " passed" in report  # with /embed, /forecast
     assert "Traceback" not in server.log_text()
