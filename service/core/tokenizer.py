@@ -20,7 +20,7 @@ import numpy as np
 from .errors import InvalidInput
 from .repository import TensorSpec
 
-__all__ = ["TEXT_INPUT", "TextEncoder", "TokenizerSpec", "truncation"]
+__all__ = ["TEXT_INPUT", "TextEncoder", "TokenizerSpec", "reassemble", "truncation"]
 
 #: the input a text model serves
 TEXT_INPUT = "text"
@@ -133,6 +133,18 @@ class TextEncoder:
             tokens[r, : len(row)] = row
             mask[r, : len(row)] = 1
         return {self.spec.ids: tokens, self.spec.mask: mask}
+
+
+def reassemble(parts: Sequence[tuple[Sequence[int], list[np.ndarray]]], n: int) -> list[np.ndarray]:
+    """Outputs of ``n`` rows from runs over groups of them (row indices, that run's outputs),
+    each output back in row order: texts run grouped by length, answered in order."""
+    merged = []
+    for j, first in enumerate(parts[0][1]):
+        out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        for rows, result in parts:
+            out[list(rows)] = result[j]
+        merged.append(out)
+    return merged
 
 
 def truncation(parameters: dict[str, Any], model: str) -> bool:

@@ -320,8 +320,7 @@ async def forecast(
         lengths = sorted({len(s) for s in series})  # type: ignore[arg-type]
         raise InvalidInput(f"'history': the series have different lengths {lengths[:8]}")
     values = np.asarray(series, dtype=np.float64)
-    done_steps: list[np.ndarray] = []
-    state: dict[str, Any] = {}
+    ahead = np.empty((len(series), 0))  # the forecast so far: the history of the next step
 
     async def decode(model: LoadedModel) -> InferRequest:
         _check_task(model, "forecast")
@@ -329,8 +328,7 @@ async def forecast(
         if len(model.session.inputs) != 1:
             raise InvalidInput(f"model '{model.name}' takes several inputs; use v2 infer")
         spec = model.session.inputs[0]
-        state.setdefault("horizon", model.session.outputs[0].shape[-1])
-        so_far = np.concatenate([values, *done_steps], axis=1) if done_steps else values
+        so_far = np.concatenate([values, ahead], axis=1)
         return InferRequest(
             {spec.name: so_far.astype(to_numpy(spec.datatype))}, {spec.name: spec.datatype}
         )
@@ -338,20 +336,21 @@ async def forecast(
     def encode(done: Inference) -> Inference:
         return done
 
+    steps = 0
     while True:
         done = await dataplane.infer(name, None, decode, encode, call)
         step = next(iter(done.values.values())).reshape(len(series), -1).astype(np.float64)
-        done_steps.append(step)
-        total = sum(s.shape[1] for s in done_steps)
-        wanted = horizon or int(state["horizon"])
-        if total >= wanted:
+        ahead = np.concatenate([ahead, step], axis=1)
+        steps += 1
+        wanted = horizon or step.shape[1]
+        if ahead.shape[1] >= wanted:
             break
-    out = np.concatenate(done_steps, axis=1)[:, :wanted]
+    out = ahead[:, :wanted]
     return _answer(
         done.model,
         horizon=wanted,
-        model_horizon=int(state["horizon"]),
-        steps=len(done_steps),
+        model_horizon=step.shape[1],
+        steps=steps,
         forecast=out.tolist() if several else out[0].tolist(),
     )
 

@@ -68,9 +68,9 @@ class Inference:
     outputs: list[RequestedOutput]
     values: dict[str, np.ndarray]
     samples: int = 1
-    #: what the graph ran on when it differs from the request's tensors (a text model's
-    #: token ids), for a shadow copy
-    feeds: dict[str, np.ndarray] | None = None
+    #: a text model's token ids, for a shadow copy (the graph does not take the request's
+    #: tensors then)
+    tokens: list[list[int]] | None = None
 
 
 #: a transport's decoder: the resolved model in, the request's tensors out (a v2 body is read
@@ -153,8 +153,7 @@ class DataPlane:
         meters.duration.observe(time.perf_counter() - start)
         if span is not None:
             self._end_span(span, call, model.labels, "success")
-        graph_inputs = done.feeds if done.feeds is not None else done.request.inputs
-        self.shadows.offer(done.model, graph_inputs, done.samples, done.values)
+        self.shadows.offer(done.model, done.request.inputs, done.samples, done.values, done.tokens)
         return answer
 
     def _count(
@@ -178,9 +177,9 @@ class DataPlane:
         timeout = self.settings.request_timeout_s
         gone, timings = (call.gone, call.timings) if call is not None else (None, None)
         traces = timings if self.tracer else None
-        feeds = None
+        tokens = None
         if model.text is not None:
-            outputs, feeds = await infer_texts(
+            outputs, tokens = await infer_texts(
                 model.text,
                 batcher,
                 request.inputs[TEXT_INPUT],
@@ -193,7 +192,7 @@ class DataPlane:
         else:
             outputs = await batcher.infer(request.inputs, samples, timeout, gone, traces)
         values = dict(zip(session.output_names, outputs, strict=True))
-        return Inference(model, request, wanted, values, samples, feeds)
+        return Inference(model, request, wanted, values, samples, tokens)
 
     # ---------------------------------------------------------------- tracing (when on)
 

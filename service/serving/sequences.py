@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
-from ..core.tokenizer import TextEncoder
+from ..core.tokenizer import TextEncoder, reassemble
 from .batcher import DynamicBatcher
 from .tracing import Trace
 
@@ -58,9 +57,9 @@ async def infer_texts(
     timeout_s: float,
     gone: Callable[[], bool] | None = None,
     traces: list[Trace] | None = None,
-) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """The model's outputs for ``texts`` (in order), and the token feeds of the whole request
-    (padded to its longest text: what a shadow copy runs on)."""
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """The model's outputs for ``texts`` (in order), and their token ids (what a shadow copy
+    is fed, padded only if there is a shadow)."""
     ids = encoder.encode(texts, truncate)
     limit = encoder.max_length
     parts = groups(ids, limit, mode)
@@ -76,19 +75,7 @@ async def infer_texts(
         )
         for key, rows in parts.items()
     ]
-    results = await (asyncio.gather(*runs) if len(runs) > 1 else _one(runs[0]))
-    whole = encoder.feeds(ids, width)
-    if len(parts) == 1:
-        return results[0], whole
-    n = len(ids)
-    outputs = []
-    for j, first in enumerate(results[0]):
-        merged = np.empty((n, *first.shape[1:]), dtype=first.dtype)
-        for rows, result in zip(parts.values(), results, strict=True):
-            merged[rows] = result[j]
-        outputs.append(merged)
-    return outputs, whole
-
-
-async def _one(run: Any) -> list[Any]:
-    return [await run]
+    if len(runs) == 1:
+        return await runs[0], ids
+    results = await asyncio.gather(*runs)
+    return reassemble(list(zip(parts.values(), results, strict=True)), len(ids)), ids

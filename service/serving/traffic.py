@@ -145,8 +145,10 @@ class Shadows:
         inputs: dict[str, np.ndarray],
         samples: int,
         values: dict[str, np.ndarray],
+        tokens: list[list[int]] | None = None,
     ) -> None:
-        """Maybe send a copy of an answered request to the model's shadow (never raises)."""
+        """Maybe send a copy of an answered request to the model's shadow (never raises); a
+        text model's copy is its ``tokens``, padded here, only when there is a shadow."""
         entry = self.store.entries.get(model.name)
         traffic = entry.traffic if entry is not None else None
         if entry is None or traffic is None or traffic.shadow is None:
@@ -163,6 +165,8 @@ class Shadows:
             return
         if shadow is model or shadow.session is None:
             return
+        if tokens is not None and model.text is not None:
+            inputs = model.text.feeds(tokens)
         task = model.manifest.task if model.manifest else "unknown"
         copy = _Copy(
             entry.name, label, task, traffic.tolerance, shadow.session.path, inputs, values, stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from service.core.protocol import (
     validate_inputs,
 )
 from service.core.runtime import ModelLoadError, OrtSession, RuntimeOptions
-from service.core.tokenizer import TextEncoder, TokenizerSpec
+from service.core.tokenizer import TextEncoder, TokenizerSpec, reassemble
 
 from ..errors import JobFailed, SetupError
 from ..model import ModelSpec
@@ -108,7 +108,7 @@ class LocalEngine(Engine):
         if not len(chunk.x):
             return finalize(chunk, {}, {}, model)
         if self.text is not None:
-            return finalize(chunk, *score_texts(self.text, chunk.x, self._run_text, self), model)
+            return finalize(chunk, *self._score_texts(self.text, chunk.x), model)
         request = InferRequest(
             {model.input.name: chunk.x}, {model.input.name: model.input.datatype}
         )
@@ -119,12 +119,29 @@ class LocalEngine(Engine):
         outputs, failed = run_batches(self._call, chunk.x, self.batch_size, names)
         return finalize(chunk, outputs, failed, model)
 
-    def _run_text(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _score_texts(
+        self, encoder: TextEncoder, texts: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Outputs for the acceptable ``texts`` (in order) and why the others were refused.
+        Texts are tokenized once, sorted by token count and run ``batch_size`` at a time,
+        each batch padded to its longest: a chunk of mixed lengths pads little."""
         assert self.session is not None
-        try:
-            return self.session.run(feeds)
-        except InferenceFailed as exc:
-            raise JobFailed(exc.message) from exc
+        ids, why = encoder.encode_rows(texts, self.model.truncate, "pass --truncate")
+        refused = {i: encoder.problem("the text", reason) for i, reason in why.items()}
+        kept = [row for i, row in enumerate(ids) if i not in refused]
+        if not kept:
+            return {}, refused
+        order = sorted(range(len(kept)), key=lambda j: len(kept[j]))
+        parts = []
+        for lo in range(0, len(order), self.batch_size):
+            rows = order[lo : lo + self.batch_size]
+            try:
+                outputs = self.session.run(encoder.feeds([kept[j] for j in rows]))
+            except InferenceFailed as exc:
+                raise JobFailed(exc.message) from exc
+            parts.append((rows, outputs))
+        merged = reassemble(parts, len(kept))
+        return dict(zip(self.session.output_names, merged, strict=True)), refused
 
     def _call(self, x: np.ndarray) -> list[np.ndarray]:
         assert self.session is not None
@@ -159,34 +176,3 @@ def _text_encoder(model: ModelSpec, session: OrtSession) -> TextEncoder:
             f"takes {[t.name for t in session.inputs]}"
         )
     return encoder
-
-
-def score_texts(
-    encoder: TextEncoder,
-    texts: np.ndarray,
-    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-    engine: LocalEngine,
-) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-    """Outputs for the acceptable ``texts`` (in order) and why the others were refused.
-    Texts are tokenized once, sorted by token count and run ``engine.batch_size`` at a time,
-    each batch padded to its longest: a chunk of mixed lengths pads little."""
-    ids, why = encoder.encode_rows(texts, engine.model.truncate, "pass --truncate")
-    refused = {i: encoder.problem("the text", reason) for i, reason in why.items()}
-    keep = [i for i in range(len(ids)) if i not in refused]
-    order = sorted(keep, key=lambda i: len(ids[i]))
-    names = engine.session.output_names if engine.session is not None else []
-    parts: list[tuple[list[int], list[np.ndarray]]] = []
-    for lo in range(0, len(order), engine.batch_size):
-        rows = order[lo : lo + engine.batch_size]
-        parts.append((rows, run(encoder.feeds([ids[i] for i in rows]))))
-    if not parts:
-        return {}, refused
-    position = {row: n for n, row in enumerate(keep)}
-    outputs = {}
-    for j, name in enumerate(names):
-        first = parts[0][1][j]
-        merged = np.empty((len(keep), *first.shape[1:]), dtype=first.dtype)
-        for rows, result in parts:
-            merged[[position[r] for r in rows]] = result[j]
-        outputs[name] = merged
-    return outputs, refused

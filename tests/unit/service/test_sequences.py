@@ -100,7 +100,8 @@ def test_one_request_of_mixed_lengths_is_split_by_bucket_and_answered_in_order(e
     model = Pooler()
     batcher = _batcher(model, encoder)
     texts = _texts(3, 25, 1, 20, 2)
-    outputs, whole = asyncio.run(infer_texts(encoder, batcher, texts, False, "bucket", 5.0))
+    outputs, tokens = asyncio.run(infer_texts(encoder, batcher, texts, False, "bucket", 5.0))
+    whole = encoder.feeds(tokens)
     assert outputs[0].tolist() == [5, 27, 3, 22, 4]  # tokens of each text, in request order
     assert sorted(model.shapes) == [(2, 27), (3, 5)]  # each bucket padded to its longest
     assert whole["input_ids"].shape == (5, 27)  # the request padded to its longest (shadows)
