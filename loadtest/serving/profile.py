@@ -32,8 +32,8 @@ __all__ = ["PARTS", "app", "breakdown", "run"]
 #: innermost frame first, wins)
 PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("onnxruntime (inference thread)", ("OrtSession.run", "DynamicBatcher._timed")),
-    ("JSON decode (msgspec, numpy)", ("decode_request", "_from_json", "_tensor_header")),
-    ("validation", ("validate_inputs", "check_tensor", "select_outputs", "_expect")),
+    ("JSON decode (msgspec, numpy)", ("decode_request", "_from_json", "tensor_header")),
+    ("validation", ("validate_inputs", "check_tensor", "select_outputs", "expect_tensor")),
     ("JSON encode", ("encode_response", "_pack", "dumps")),
     ("metrics", ("prometheus_client",)),
     ("batching", ("DynamicBatcher",)),

@@ -33,6 +33,11 @@ __all__ = [
     "RequestedOutput",
     "InferRequest",
     "decode_request",
+    "tensor_header",
+    "expect_tensor",
+    "from_bytes",
+    "to_bytes",
+    "check_integers",
     "validate_inputs",
     "select_outputs",
     "Expected",
@@ -194,11 +199,11 @@ def decode_request(
     datatypes: dict[str, str] = {}
     offset = 0
     for i, raw in enumerate(doc.inputs):
-        name, shape, datatype = _tensor_header(raw, i)
+        name, shape, datatype = tensor_header(raw.name, raw.shape, raw.datatype, i)
         if name in inputs:
             raise _fail(f"input {name[:64]!r} appears twice")
         if expected is not None:
-            _expect(expected, name, shape, datatype)
+            expect_tensor(expected, name, shape, datatype)
         tparams = _object(raw.parameters, f"input {name[:64]!r} 'parameters'")
         if "binary_data_size" in tparams:
             size = tparams["binary_data_size"]
@@ -207,7 +212,7 @@ def decode_request(
                     f"input {name[:64]!r}: binary_data_size {str(size)[:32]} does not fit the "
                     f"{len(binary) - offset} binary bytes left after the JSON header"
                 )
-            inputs[name] = _from_binary(binary[offset : offset + size], name, shape, datatype)
+            inputs[name] = from_bytes(binary[offset : offset + size], name, shape, datatype)
             offset += size
         elif _has_data(raw.data):
             inputs[name] = _from_json(raw.data, name, shape, datatype)
@@ -232,7 +237,9 @@ def _has_data(data: Any) -> bool:
     return data is not msgspec.UNSET and not (isinstance(data, msgspec.Raw) and not data)
 
 
-def _expect(expected: Expected, name: str, shape: tuple[int, ...], datatype: str) -> None:
+def expect_tensor(expected: Expected, name: str, shape: tuple[int, ...], datatype: str) -> None:
+    """One tensor's header against the model's inputs (400), and its samples against the
+    model's queue (413), before its data is converted."""
     spec = expected.inputs.get(name)
     if spec is None:
         raise _fail(
@@ -269,12 +276,13 @@ def _dimensions(shape: list[Any]) -> bool:
     return True
 
 
-def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[int, ...], str]:
-    """Name, shape and datatype of a tensor; sizes bounded before anything is allocated."""
-    name = raw.name
+def tensor_header(
+    name: Any, shape: Any, datatype: Any, i: int, kind: str = "input"
+) -> tuple[str, tuple[int, ...], str]:
+    """Name, shape and datatype of the ``i``-th tensor, checked whatever the wire (JSON, a
+    protobuf message); sizes bounded before anything is allocated."""
     if not isinstance(name, str) or not name:
         raise _fail(f"{kind}s[{i}]: expected a non-empty string 'name'")
-    shape = raw.shape
     label = f"{kind} {name[:64]!r}"
     if not isinstance(shape, list) or not _dimensions(shape):
         raise _fail(
@@ -290,7 +298,6 @@ def _tensor_header(raw: Any, i: int, kind: str = "input") -> tuple[str, tuple[in
             f"{label}: shape {shape} has {count} elements, more than one tensor may "
             f"carry ({MAX_ELEMENTS})"
         )
-    datatype = raw.datatype
     if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise _fail(
             f"{label}: datatype {str(datatype)[:32]!r} is not supported; "
@@ -344,7 +351,7 @@ def _from_json(
         if arr.dtype.kind != "b":
             raise _fail(f"{label}: datatype BOOL takes true/false values")
     elif target.kind in "iu":
-        _check_integers(arr, target, label, datatype)
+        check_integers(arr, target, label, datatype)
     return arr.astype(target, copy=False).reshape(shape)
 
 
@@ -359,7 +366,8 @@ def _count_commas(raw: msgspec.Raw) -> int:
     return sum(bytes(view[i : i + _CHUNK]).count(b",") for i in range(0, len(view), _CHUNK))
 
 
-def _check_integers(arr: np.ndarray, target: np.dtype, label: str, datatype: str) -> None:
+def check_integers(arr: np.ndarray, target: np.dtype, label: str, datatype: str) -> None:
+    """400 unless every value of ``arr`` is a whole number within ``target``'s range."""
     if arr.dtype.kind == "f" and not (np.isfinite(arr) & (arr == np.round(arr))).all():
         raise _fail(f"{label}: datatype {datatype} takes integers, got fractions")
     info = np.iinfo(target)
@@ -380,9 +388,17 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _from_binary(
-    buf: memoryview, name: str, shape: tuple[int, ...], datatype: str, kind: str = "input"
+def from_bytes(
+    buf: memoryview | bytes,
+    name: str,
+    shape: tuple[int, ...],
+    datatype: str,
+    kind: str = "input",
+    source: str = "binary_data_size is",
 ) -> np.ndarray:
+    """A tensor from its raw little-endian bytes (BYTES: each element a 4-byte length and its
+    bytes), as Triton's binary extension and gRPC's raw contents carry it; ``source`` names
+    where the bytes came from in the message."""
     count = math.prod(shape)
     label = f"{kind} {name[:64]!r}"
     if datatype == "BYTES":
@@ -405,7 +421,7 @@ def _from_binary(
     if len(buf) != expected:
         raise _fail(
             f"{label}: shape {list(shape)} of {datatype} needs {expected} bytes, "
-            f"binary_data_size is {len(buf)}"
+            f"{source} {len(buf)}"
         )
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
@@ -429,7 +445,7 @@ def encode_response(
             "shape": list(arr.shape),
         }
         if out.binary:
-            blob = _to_binary(arr)
+            blob = to_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif arr.dtype.kind == "O":
@@ -456,7 +472,8 @@ def _pack(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str
     }
 
 
-def _to_binary(arr: np.ndarray) -> bytes:
+def to_bytes(arr: np.ndarray) -> bytes:
+    """A tensor as raw little-endian bytes (BYTES: length-prefixed elements)."""
     if arr.dtype.kind == "O" or arr.dtype.kind in "US":
         parts = []
         for x in arr.ravel():
@@ -499,7 +516,7 @@ def encode_request(
             "datatype": from_numpy(arr.dtype),
         }
         if binary:
-            blob = _to_binary(arr)
+            blob = to_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif arr.dtype.kind == "O":
@@ -544,7 +561,7 @@ def decode_response(body: bytes, header_length: str | None = None) -> InferRespo
     outputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, raw in enumerate(doc.outputs):
-        name, shape, datatype = _tensor_header(raw, i, "output")
+        name, shape, datatype = tensor_header(raw.name, raw.shape, raw.datatype, i, "output")
         size = _object(raw.parameters, f"output {name!r} 'parameters'").get("binary_data_size")
         if size is not None:
             if not _is_int(size) or size < 0 or offset + size > len(binary):
@@ -553,7 +570,7 @@ def decode_response(body: bytes, header_length: str | None = None) -> InferRespo
                     f"{len(binary) - offset} binary bytes left after the JSON header"
                 )
             view = binary[offset : offset + size]
-            outputs[name] = _from_binary(view, name, shape, datatype, "output").copy()
+            outputs[name] = from_bytes(view, name, shape, datatype, "output").copy()
             offset += size
         elif raw.data:
             outputs[name] = _from_json(raw.data, name, shape, datatype, "output")
