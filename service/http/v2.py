@@ -102,7 +102,11 @@ class V2App:
         if which == "live":
             return await respond(send, 200, dumps({"live": True}), JSON)
         ready = self.dataplane.server_ready()
-        body = {"ready": ready, "not_ready_models": self.dataplane.not_ready()}
+        body = {
+            "ready": ready,
+            "not_ready_models": self.dataplane.not_ready(),
+            "listeners": {"http": True, **self.dataplane.listeners_ready()},
+        }
         status = 200 if ready else 503
         headers = JSON if ready else {**JSON, "Retry-After": str(self.settings.retry_after_s)}
         return await respond(send, status, dumps(body), headers)

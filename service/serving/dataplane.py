@@ -12,6 +12,7 @@ and every request metric is observed here, whichever transport the request came 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ class DataPlane:
         self.lifecycle = lifecycle or Lifecycle(store, store.settings)
         timeout = self.settings.request_timeout_s
         self.shadows = Shadows(store, self.settings.shadow_max_pending, timeout)
+        #: the listeners besides the HTTP one that answers health (the gRPC server): name ->
+        #: whether it serves now; the server is ready only while every one does
+        self.listeners: dict[str, Callable[[], bool]] = {}
 
     # ---------------------------------------------------------------- inference, top to bottom
 
@@ -144,13 +148,17 @@ class DataPlane:
             outcome = next((o for t, o in _OUTCOMES if isinstance(exc, t)), "error")
             self._count(name, model, outcome, span, call)
             raise
+        except asyncio.CancelledError:  # the transport cancelled it: its client is gone
+            self._count(name, model, "client_gone", span, call)
+            raise
         except Exception:
             self._count(name, model, "error", span, call)
             raise
         meters = model.meters
         assert meters is not None
-        meters.success.inc()
-        meters.duration.observe(time.perf_counter() - start)
+        protocol = call.protocol if call is not None else "http"
+        meters.success[protocol].inc()
+        meters.duration[protocol].observe(time.perf_counter() - start)
         if span is not None:
             self._end_span(span, call, model.labels, "success")
         self.shadows.offer(done.model, done.request.inputs, done.samples, done.values, done.tokens)
@@ -161,10 +169,11 @@ class DataPlane:
     ) -> None:
         """A request that did not succeed, counted by outcome (and its span ended)."""
         labels = model.labels if model is not None else self.store.labels(name)
+        protocol = call.protocol if call is not None else "http"
         if model is not None and model.meters is not None:
-            model.meters.outcome(outcome).inc()
+            model.meters.outcome(outcome, protocol).inc()
         else:
-            metrics().requests.labels(*labels, outcome).inc()
+            metrics().requests.labels(*labels, outcome, protocol).inc()
         if span is not None:
             self._end_span(span, call, labels, outcome)
 
@@ -244,8 +253,14 @@ class DataPlane:
         """Every model that does not serve, with the reason."""
         return {n: m.error or "" for n, m in self.store.models.items() if not m.ready}
 
+    def listeners_ready(self) -> dict[str, bool]:
+        return {name: serving() for name, serving in self.listeners.items()}
+
     def server_ready(self) -> bool:
-        """Ready while at least one model serves (the others are reported with reasons)."""
+        """Ready while every listener serves and at least one model does (the others are
+        reported with reasons)."""
+        if not all(serving() for serving in self.listeners.values()):
+            return False
         return any(e.primary() is not None for e in self.store.entries.values())
 
     def model_ready(self, name: str, version: str | None = None) -> bool:

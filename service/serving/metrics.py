@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ServingMetrics", "Meters", "metrics", "LATENCY_BUCKETS", "UNKNOWN_MODEL"]
+__all__ = ["ServingMetrics", "Meters", "metrics", "LATENCY_BUCKETS", "UNKNOWN_MODEL", "PROTOCOLS"]
 
 #: 50 µs .. 10 s
 LATENCY_BUCKETS = (
@@ -39,6 +39,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: the one label value used for requests that name a model the server does not have
 UNKNOWN_MODEL = "_unknown"
 _LABELS = ("model", "version", "variant")
+#: the ``protocol`` label of the request metrics: how the request came (the v2 REST API and
+#: the friendly endpoints are ``http``; the v2 gRPC service is ``grpc``)
+PROTOCOLS = ("http", "grpc")
 
 
 class ServingMetrics:
@@ -46,13 +49,13 @@ class ServingMetrics:
         self.requests = Counter(
             "slimserve_requests_total",
             "Inference requests by outcome (success, invalid_input, not_found, too_large, "
-            "overloaded, not_ready, unavailable, client_gone, error).",
-            [*_LABELS, "outcome"],
+            "overloaded, not_ready, unavailable, client_gone, error) and protocol (http, grpc).",
+            [*_LABELS, "outcome", "protocol"],
         )
         self.request_duration = Histogram(
             "slimserve_request_duration_seconds",
-            "Time from receiving an inference request to its response.",
-            _LABELS,
+            "Time from receiving an inference request to its response, by protocol (http, grpc).",
+            [*_LABELS, "protocol"],
             buckets=LATENCY_BUCKETS,
         )
         self.queue_duration = Histogram(
@@ -155,23 +158,25 @@ class ServingMetrics:
 
 class Meters:
     """One variant's request metrics, bound to its labels once (at load), so that a request
-    pays one increment, not a label lookup, per metric."""
+    pays one increment, not a label lookup, per metric. ``success`` and ``duration`` are by
+    protocol."""
 
     __slots__ = ("labels", "success", "duration", "in_flight", "_outcomes")
 
     def __init__(self, labels: tuple[str, str, str]) -> None:
         m = metrics()
         self.labels = labels
-        self.success = m.requests.labels(*labels, "success")
-        self.duration = m.request_duration.labels(*labels)
+        self.success = {p: m.requests.labels(*labels, "success", p) for p in PROTOCOLS}
+        self.duration = {p: m.request_duration.labels(*labels, p) for p in PROTOCOLS}
         self.in_flight = m.in_flight.labels(*labels)
-        self._outcomes: dict[str, Any] = {}
+        self._outcomes: dict[tuple[str, str], Any] = {}
 
-    def outcome(self, outcome: str) -> Any:
-        """The request counter of ``outcome`` (bound on first use)."""
-        child = self._outcomes.get(outcome)
+    def outcome(self, outcome: str, protocol: str) -> Any:
+        """The request counter of ``outcome`` over ``protocol`` (bound on first use)."""
+        child = self._outcomes.get((outcome, protocol))
         if child is None:
-            child = self._outcomes[outcome] = metrics().requests.labels(*self.labels, outcome)
+            child = metrics().requests.labels(*self.labels, outcome, protocol)
+            self._outcomes[outcome, protocol] = child
         return child
 
 
@@ -179,3 +184,45 @@ class Meters:
 def metrics() -> ServingMetrics:
     """The metrics, created on the first call (after BentoML set up multiprocess mode)."""
     return ServingMetrics()
+
+
+def statistics() -> dict[tuple[str, str], dict[str, float]]:
+    """Per ``(model, version)``, summed over variants, protocols and worker processes (what
+    ``/metrics`` shows): ``success`` and ``success_s`` (requests answered and their time),
+    ``fail``, ``queue``/``queue_s`` (requests' waits in the batcher), ``compute``/``compute_s``
+    (onnxruntime runs and their time), ``samples`` and ``executions``. Read on demand (the
+    v2 gRPC ModelStatistics), never on the request path."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    registry: Any = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        metrics()  # the series exist before they are read
+    wanted = {
+        "slimserve_request_duration_seconds_count": "success",
+        "slimserve_request_duration_seconds_sum": "success_s",
+        "slimserve_queue_duration_seconds_count": "queue",
+        "slimserve_queue_duration_seconds_sum": "queue_s",
+        "slimserve_compute_duration_seconds_count": "compute",
+        "slimserve_compute_duration_seconds_sum": "compute_s",
+        "slimserve_inference_samples_total": "samples",
+        "slimserve_batch_executions_total": "executions",
+    }
+    stats: dict[tuple[str, str], dict[str, float]] = {}
+    for family in registry.collect():
+        if not family.name.startswith("slimserve_"):
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            key = wanted.get(sample.name)
+            if sample.name == "slimserve_requests_total" and labels.get("outcome") != "success":
+                key = "fail"
+            if key is None or "model" not in labels or labels["model"] == UNKNOWN_MODEL:
+                continue
+            row = stats.setdefault((labels["model"], labels["version"]), {})
+            row[key] = row.get(key, 0.0) + sample.value
+    return stats

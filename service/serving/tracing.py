@@ -35,13 +35,15 @@ class Trace:
 
 @dataclass(slots=True)
 class Call:
-    """What a transport knows of a request besides its body: whether its client hung up, the
-    W3C trace context it came with; after the call, the trace id it was recorded under."""
+    """What a transport knows of a request besides its body: the protocol it came by (the
+    metrics' ``protocol`` label), whether its client hung up, the W3C trace context it came
+    with; after the call, the trace id it was recorded under."""
 
     gone: Callable[[], bool] | None = None
     traceparent: str | None = None
     trace_id: str | None = None
     timings: list[Trace] = field(default_factory=list)
+    protocol: str = "http"
 
 
 def make_tracer(settings: Settings, exporter: Any = None) -> Any:

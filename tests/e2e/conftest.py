@@ -29,6 +29,11 @@ class Server:
     repo: ModelRepository
     log: Path
     process: subprocess.Popen
+    grpc_port: int = 0  # 0: gRPC off
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -48,6 +53,7 @@ def start_server(repo_root: Path, workdir: Path, **settings: str) -> Server:
         "SLIMSERVE_MODEL_REPOSITORY": str(repo_root),
         "SLIMSERVE_HOST": "127.0.0.1",
         "SLIMSERVE_PORT": str(port),
+        "SLIMSERVE_GRPC_PORT": str(_free_port()),  # never 8001: servers run side by side
         "BENTOML_HOME": str(workdir / "bentoml"),
         **{f"SLIMSERVE_{k.upper()}": v for k, v in settings.items()},
     }
@@ -66,7 +72,9 @@ def start_server(repo_root: Path, workdir: Path, **settings: str) -> Server:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return Server(url, "127.0.0.1", port, ModelRepository(repo_root), log, process)
+                grpc_port = int(env["SLIMSERVE_GRPC_PORT"])
+                repo = ModelRepository(repo_root)
+                return Server(url, "127.0.0.1", port, repo, log, process, grpc_port)
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
@@ -99,3 +107,12 @@ def server(zoo_repo: ModelRepository, tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(root, work, max_body_bytes="2000000")
     yield srv
     stop_server(srv.process)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples in a ``/metrics`` page whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -13,7 +13,7 @@ import pytest
 
 from service.core.repository import ModelRepository
 from tests.conftest import publish_identity, publish_slow
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import metric, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -46,14 +46,6 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(repo.root, work)
     yield srv
     stop_server(srv.process)
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_requests_whose_client_hung_up_are_dropped_before_onnxruntime(slow_server) -> None:
@@ -97,9 +89,9 @@ def test_requests_whose_client_hung_up_are_dropped_before_onnxruntime(slow_serve
     time.sleep(0.5)
     after = httpx.get(f"{slow_server.url}/metrics").text
     labels = {"model": "slow"}
-    gone = _metric(after, "slimserve_requests_total", outcome="client_gone", **labels)
-    gone -= _metric(before, "slimserve_requests_total", outcome="client_gone", **labels)
-    samples = _metric(after, "slimserve_inference_samples_total", **labels)
-    samples -= _metric(before, "slimserve_inference_samples_total", **labels)
+    gone = metric(after, "slimserve_requests_total", outcome="client_gone", **labels)
+    gone -= metric(before, "slimserve_requests_total", outcome="client_gone", **labels)
+    samples = metric(after, "slimserve_inference_samples_total", **labels)
+    samples -= metric(before, "slimserve_inference_samples_total", **labels)
     assert gone == 30
     assert samples == 2048  # none of the 30 abandoned samples reached onnxruntime

@@ -13,6 +13,7 @@ import tritonclient.http as triton
 
 from export.data import load
 from service.core.runtime import OrtSession
+from tests.e2e.conftest import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -184,13 +185,6 @@ def test_client_errors_are_summed_up_in_a_few_lines_without_traceback(server) ->
     assert len(log) < 2000, f"{len(log)} bytes of log for 1,000 bad requests"
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_metrics_count_requests_and_samples(server) -> None:
     before = httpx.get(f"{server.url}/metrics").text
     x = load("diabetes").x_test[:3]
@@ -209,7 +203,7 @@ def test_metrics_count_requests_and_samples(server) -> None:
     labels = {"model": "diabetes-linear", "version": "1", "variant": "fp32"}
 
     def delta(name: str, **extra: str) -> float:
-        return _metric(after, name, **labels, **extra) - _metric(before, name, **labels, **extra)
+        return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
 
     assert delta("slimserve_requests_total", outcome="success") == 7
     assert delta("slimserve_requests_total", outcome="invalid_input") == 1
@@ -217,11 +211,9 @@ def test_metrics_count_requests_and_samples(server) -> None:
     assert delta("slimserve_request_duration_seconds_count") == 7
     assert delta("slimserve_queue_duration_seconds_count") == 7
     assert 1 <= delta("slimserve_batch_executions_total") <= 7
-    assert (
-        _metric(after, "slimserve_model_info", model="digits-cnn", provider="CPUExecutionProvider")
-        == 1
-    )
-    assert _metric(after, "slimserve_model_info", model="iris-knn", provider="none") == 0
+    info = {"model": "digits-cnn", "variant": "fp32", "provider": "CPUExecutionProvider"}
+    assert metric(after, "slimserve_model_info", **info) == 1
+    assert metric(after, "slimserve_model_info", model="iris-knn", provider="none") == 0
     assert "no-such-model-xyz" not in after  # unknown names never become series
     assert re.search(r'slimserve_requests_total\{.*model="_unknown".*outcome="not_found"', after)
 
@@ -239,7 +231,7 @@ def test_friendly_endpoints_are_counted_like_v2(server) -> None:
     labels = {"model": "diabetes-linear", "version": "1", "variant": "fp32"}
 
     def delta(name: str, **extra: str) -> float:
-        return _metric(after, name, **labels, **extra) - _metric(before, name, **labels, **extra)
+        return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
 
     assert delta("slimserve_requests_total", outcome="success") == 3
     assert delta("slimserve_requests_total", outcome="invalid_input") == 1
