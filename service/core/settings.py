@@ -34,6 +34,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(3000, ge=1, le=65535, description="Port the server listens on.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the v2 gRPC service (inference.GRPCInferenceService) on the same "
+        "host; 0 turns gRPC off. Every worker serves it (SO_REUSEPORT).",
+    )
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
         description="Worker processes, or auto: one per two CPUs this process may use (at least "
@@ -97,7 +104,9 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 answers.")
     max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Larger request bodies get 413 (gRPC: larger messages get RESOURCE_EXHAUSTED).",
     )
 
     max_connections: int = Field(

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from ..core.errors import ModelNotReady, ServingError
 from ..core.repository import ModelRepository
 from ..core.settings import get_settings
+from ..grpc.server import GrpcListener
 from ..serving.dataplane import DataPlane
 from ..serving.lifecycle import Lifecycle
 from ..serving.store import ModelStore
@@ -81,20 +82,33 @@ class SlimServe:
         self.dataplane = DataPlane(store, make_tracer(_settings), lifecycle)
         # BentoML's document of the service (the decorator made SlimServe a bentoml Service)
         self.http = HttpApp(self.dataplane, lambda: cast(Any, SlimServe).openapi_spec.asdict())
+        # the v2 gRPC service beside HTTP, on the worker's event loop (SLIMSERVE_GRPC_PORT)
+        self.grpc: GrpcListener | None = None
+        if _settings.grpc_port:
+            grpc = self.grpc = GrpcListener(self.dataplane, _settings, self.http.rejections)
+            self.dataplane.listeners["grpc"] = lambda: grpc.ready
         # the loaded graphs and sessions live as long as the worker: keep them out of the
         # cyclic GC's full collections (measured: 100-230 ms pauses otherwise)
         gc.freeze()
 
     @bentoml.on_startup
     async def start(self) -> None:
-        """The repository watcher (poll mode) and the shared-state watcher, on the worker's
-        event loop."""
+        """The repository watcher (poll mode), the shared-state watcher and the gRPC server,
+        on the worker's event loop; a gRPC port that cannot be bound stops the worker."""
         self.dataplane.lifecycle.ensure_tasks()
+        if self.grpc is not None:
+            await self.grpc.start()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        if self.grpc is not None:  # not ready from here on; RPCs in flight may finish
+            await self.grpc.stop()
         self.http.rejections.flush()
         await self.dataplane.close()
+
+    def __is_ready__(self) -> bool:
+        """BentoML's ``/readyz``: every listener serves (gRPC too, when it is on)."""
+        return all(self.dataplane.listeners_ready().values())
 
     # The friendly endpoints as BentoML API methods: they give the OpenAPI page its request
     # schemas, and serve where BentoML's internals moved (the lean app serves them otherwise).

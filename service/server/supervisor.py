@@ -8,6 +8,9 @@ exposes nothing but the server's own port:
 
 - it binds ``SLIMSERVE_HOST:SLIMSERVE_PORT`` once and hands the socket to ``SLIMSERVE_WORKERS``
   worker processes (:mod:`service.server.worker`), which share it as circus' workers do;
+- it holds ``SLIMSERVE_GRPC_PORT`` for the workers' gRPC servers, which bind it with
+  ``SO_REUSEPORT`` (gRPC cannot take an inherited socket): a port some other process holds
+  fails the start at once, and no other server can join the port while this one runs;
 - it has no control endpoint at all: it is driven by signals (SIGTERM or SIGINT stop it);
 - each server gets a private runtime folder (mode 0700) holding its own Prometheus
   multiprocess folder, created at start and removed at stop, so two servers on one machine
@@ -36,7 +39,7 @@ from types import FrameType
 
 from ..core.settings import Settings, get_settings
 
-__all__ = ["Supervisor", "main", "bind"]
+__all__ = ["Supervisor", "main", "bind", "reserve"]
 
 log = logging.getLogger("slimserve.supervisor")
 
@@ -50,6 +53,19 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=backlog)
     sock.set_inheritable(True)
+    return sock
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """Hold ``port`` for the workers' gRPC servers: bound (not listening) with
+    ``SO_REUSEPORT``, which they join. It must be free first: a plain bind fails on a port
+    any socket holds, a listening ``SO_REUSEPORT`` one of another server included."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
     return sock
 
 
@@ -70,11 +86,26 @@ class Supervisor:
         self.metrics_dir = metrics_dir = self.runtime / "prometheus"
         metrics_dir.mkdir()
         status = 0
+        host, grpc_port = self.settings.host, self.settings.grpc_port
+        try:
+            held = reserve(host, grpc_port) if grpc_port else None
+        except OSError as exc:
+            log.error(
+                "cannot listen for gRPC on %s:%d: %s (SLIMSERVE_GRPC_PORT picks another port, "
+                "0 turns gRPC off)",
+                host,
+                grpc_port,
+                exc,
+            )
+            shutil.rmtree(self.runtime, ignore_errors=True)
+            return 1
         try:
             sock = bind(self.settings.host, self.settings.port, self.settings.backlog)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", self.settings.host, self.settings.port, exc)
             shutil.rmtree(self.runtime, ignore_errors=True)
+            if held is not None:
+                held.close()
             return 1
         env = {
             **os.environ,
@@ -87,9 +118,10 @@ class Supervisor:
                 self._start(worker_id, sock, env)
             host, port = sock.getsockname()[:2]
             log.info(
-                "slimserve on http://%s:%d: %d worker(s), supervisor pid %d, no control port",
+                "slimserve on http://%s:%d%s: %d worker(s), supervisor pid %d, no control port",
                 host,
                 port,
+                f" and grpc://{host}:{grpc_port}" if grpc_port else "",
                 len(self.workers),
                 os.getpid(),
             )
@@ -97,6 +129,8 @@ class Supervisor:
         finally:
             self._stop_workers()
             sock.close()
+            if held is not None:
+                held.close()
             shutil.rmtree(self.runtime, ignore_errors=True)
         return status
 

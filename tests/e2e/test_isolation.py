@@ -61,16 +61,18 @@ def _counter(url: str, model: str) -> float:
     return 0.0
 
 
-def test_the_server_listens_on_its_own_port_and_nothing_else(server) -> None:
+def test_the_server_listens_on_its_own_ports_and_nothing_else(server) -> None:
     """BentoML's circus listened on two unauthenticated TCP control ports; any local process
-    could make it run a command. slimserve's supervisor has no control endpoint at all."""
+    could make it run a command. slimserve's supervisor has no control endpoint at all: the
+    server listens on its HTTP port and its gRPC port, nothing else."""
     listening = set()
     for proc in _tree(server.process):
         for conn in proc.net_connections(kind="all"):
             if conn.status == psutil.CONN_LISTEN or (conn.family == socket.AF_UNIX and conn.laddr):
                 listening.add((proc.pid, conn.family, conn.laddr))
     assert {(laddr.port if hasattr(laddr, "port") else laddr) for *_, laddr in listening} == {
-        server.port
+        server.port,
+        server.grpc_port,
     }, listening
     assert not any("circus" in " ".join(p.cmdline()) for p in _tree(server.process))
 
@@ -317,18 +319,20 @@ def test_multipart_to_a_friendly_endpoint_is_415(server) -> None:
 
 def test_bentoml_serve_listens_where_the_settings_say(identity_root: Path, tmp_path: Path) -> None:
     """``bentoml serve service.service:SlimServe`` (what a Bento's container runs) used to bind
-    0.0.0.0:3000 whatever SLIMSERVE_HOST said; the service's own config now carries them."""
+    0.0.0.0:3000 whatever SLIMSERVE_HOST said; the service's own config now carries them. The
+    worker's start-up hook starts gRPC beside HTTP there too, on SLIMSERVE_GRPC_PORT."""
     import subprocess
     import sys
 
     from tests.e2e.conftest import ROOT, _free_port
 
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     env = {
         **os.environ,
         "SLIMSERVE_MODEL_REPOSITORY": str(identity_root),
         "SLIMSERVE_HOST": "127.0.0.1",
         "SLIMSERVE_PORT": str(port),
+        "SLIMSERVE_GRPC_PORT": str(grpc_port),
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
     }
@@ -352,12 +356,17 @@ def test_bentoml_serve_listens_where_the_settings_say(identity_root: Path, tmp_p
                 time.sleep(0.3)
         else:
             pytest.fail((tmp_path / "bentoml.log").read_text())
-        listening = {
-            (c.laddr.ip, c.laddr.port)
+        listening = {  # gRPC binds 127.0.0.1 on a dual-stack socket: ::ffff:127.0.0.1
+            (c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)
             for p in _tree(process)
             for c in p.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in (port, grpc_port)
         }
-        assert listening == {("127.0.0.1", port)}
+        assert listening == {("127.0.0.1", port), ("127.0.0.1", grpc_port)}
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_live() and client.is_server_ready()
     finally:
         stop_server(process)

@@ -27,7 +27,9 @@ FIRST_PARTY = ("service", "export", "loadtest")
 ARROWS: dict[str, set[str]] = {
     "service.core": set(),
     "service.serving": {"service.core"},
-    "service.http": {"service.core", "service.serving"},
+    # the BentoML service (service.http.bento) starts the gRPC listener beside HTTP
+    "service.http": {"service.core", "service.serving", "service.grpc"},
+    "service.grpc": {"service.core", "service.serving"},
     "service.server": {"service.core", "service.serving", "service.http"},
     "service.batch": {"service.core"},
     "service": {"service.core", "service.http", "service.server"},  # __main__.py, service.py
@@ -172,5 +174,6 @@ def test_the_serving_install_lists_no_training_library() -> None:
     heavy = {"torch", "transformers", "sentence-transformers", "scikit-learn", "onnxscript"}
     assert not names & heavy
     assert "tokenizers" in names
+    assert {"grpcio", "tritonclient"} <= names  # the v2 gRPC service is part of the server
     core = {req.split(">")[0].split("=")[0].strip().lower() for req in project["dependencies"]}
     assert not core & heavy
