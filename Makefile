@@ -26,6 +26,7 @@ help:
 	@echo "make bench-overload   slimserve offered 4x its capacity (about 1 min)"
 	@echo "make bench-workers    1 and N workers, onnxruntime threads, auto (about 6 min)"
 	@echo "make bench-text   text models: bucketed vs padded batching, endpoints, batch jobs"
+	@echo "make bench-grpc   v2 gRPC beside HTTP binary and in-process onnxruntime (about 10 min)"
 	@echo "make profile  py-spy flame graph of the worker under the CNN JSON c=64 load (1 min)"
 	@echo "make soak     mixed traffic for SOAK_MINUTES (5), memory and descriptors over time"
 	@echo "make lint     ruff, ruff format --check, mypy"
@@ -95,6 +96,12 @@ bench-ab: install
 .PHONY: bench-text
 bench-text: install
 	$(PY) -m loadtest.serving.text --repo $(REPO) $(BENCH_ARGS)
+
+# gRPC beside HTTP binary (1 and 32 samples per request, 1-64 clients) and in-process
+# onnxruntime (about 10 min); results in loadtest/results/<UTC time>-grpc/
+.PHONY: bench-grpc
+bench-grpc: install
+	$(PY) -m loadtest.serving.protocols $(BENCH_ARGS)
 
 .PHONY: bench-workers
 bench-workers: install

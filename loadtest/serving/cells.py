@@ -28,7 +28,7 @@ import numpy as np
 import orjson
 
 from loadtest import samples
-from loadtest.serving.load import LoadResult, Payloads, closed_loop
+from loadtest.serving.load import GRPC_INFER, LoadResult, Payloads, closed_loop
 from loadtest.serving.servers import (
     BENTOML_SERVICES,
     CNN,
@@ -92,7 +92,7 @@ class Cell:
     """One measured configuration; ``id`` is how results, logs and tables name it."""
 
     model: str
-    encoding: str  # "json" or "binary"
+    encoding: str  # "json", "binary" (HTTP, Triton's binary extension) or "grpc" (raw contents)
     concurrency: int
     samples_per_request: int = 1
     servers: tuple[str, ...] = SERVERS
@@ -149,6 +149,8 @@ def payloads(cell: Cell, seed: int = 0, bentoml: bool = False) -> Payloads:
     if bentoml:
         bodies = [orjson.dumps({"x": b}, option=orjson.OPT_SERIALIZE_NUMPY) for b in batches]
         return Payloads(bodies, {"Content-Type": "application/json"}, {"": [n, MLP_SHAPE[-1]]})
+    if cell.encoding == "grpc":
+        return Payloads([_grpc_body(cell.model, name, b) for b in batches], {}, expect)
     if cell.encoding == "json":
         tensors = [
             {"name": name, "shape": list(b.shape), "datatype": "FP32", "data": b.ravel()}
@@ -181,6 +183,31 @@ def payloads(cell: Cell, seed: int = 0, bentoml: bool = False) -> Payloads:
     return Payloads(bodies, headers, expect)
 
 
+def _grpc_body(model: str, name: str, x: np.ndarray) -> bytes:
+    """A serialized v2 ``ModelInferRequest`` carrying ``x`` in ``raw_input_contents`` (what
+    ``tritonclient.grpc`` sends)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    return request.SerializeToString()
+
+
+def _grpc_outputs(url: str, body: bytes) -> dict[str, list[int]]:
+    """One gRPC request's output shapes."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    target = url.removeprefix("grpc://").partition("/")[0]
+    with grpc.insecure_channel(target) as channel:
+        raw = channel.unary_unary(GRPC_INFER)(body, timeout=30)
+    response = pb.ModelInferResponse.FromString(raw)
+    if len(response.raw_output_contents) != len(response.outputs):
+        raise RuntimeError(f"{url}: {len(response.outputs)} outputs, raw contents for fewer")
+    return {o.name: _column(list(o.shape)) for o in response.outputs}
+
+
 def _column(shape: list[int]) -> list[int]:
     """``[n, 1]`` read as ``[n]``: MLServer's and Triton's way to return a 1-D output."""
     return shape[:1] if len(shape) == 2 and shape[1] == 1 else shape
@@ -188,6 +215,11 @@ def _column(shape: list[int]) -> list[int]:
 
 def check_response(url: str, cell: Cell, load: Payloads) -> None:
     """One request before the load: the server must answer the cell's request correctly."""
+    if cell.encoding == "grpc":
+        got = _grpc_outputs(url, load.bodies[0])
+        if got != load.expect:
+            raise RuntimeError(f"{cell.id} at {url}: outputs {got}, expected {load.expect}")
+        return
     r = httpx.post(url, content=load.bodies[0], headers=load.headers, timeout=30)
     if r.status_code != 200:
         raise RuntimeError(f"{cell.id} at {url}: status {r.status_code}: {r.text[:300]}")
@@ -297,7 +329,7 @@ def run_phase(
     try:
         for cell in cells:
             load = payloads(cell, bentoml=server.kind in BENTOML_SERVICES)
-            url = infer_url(server, cell.model)
+            url = infer_url(server, cell.model, grpc=cell.encoding == "grpc")
             check_response(url, cell, load)
             result = asyncio.run(
                 closed_loop(

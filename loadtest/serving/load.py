@@ -1,7 +1,10 @@
-"""The load generator: closed-loop aiohttp clients against one server, for a fixed time.
+"""The load generator: closed-loop aiohttp (or gRPC) clients against one server, for a fixed time.
 
 ``concurrency`` asyncio clients each send their next request as soon as the last one answered,
-cycling through pre-encoded bodies (so the client spends its CPU on HTTP, not on JSON). Only
+cycling through pre-encoded bodies (so the client spends its CPU on HTTP, not on JSON). A
+``grpc://host:port/model`` URL sends the bodies as serialized ``ModelInferRequest`` messages
+over one ``grpc.aio`` channel (HTTP/2, every client's calls multiplexed on it, as gRPC clients
+do), unparsed both ways, so the client spends its CPU on gRPC, not on protobuf. Only
 requests that start and end inside the measured window, after the warm-up, count. Alongside it
 records errors by status, latency percentiles, and the CPU seconds of the server's process tree
 and of this client process over the same window.
@@ -10,19 +13,25 @@ and of this client process over the same window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import grpc
 import numpy as np
 import psutil
 
 from loadtest.serving.servers import ServerProcess
 
-__all__ = ["LoadResult", "Payloads", "closed_loop"]
+__all__ = ["LoadResult", "Payloads", "closed_loop", "sender", "GRPC_INFER"]
+
+#: the v2 gRPC inference method (Triton's and KServe's service name)
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,10 @@ async def closed_loop(
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     me = psutil.Process()
-    timeout = aiohttp.ClientTimeout(total=60)
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     start = time.perf_counter()
     measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
 
-    async def client(i: int, http: aiohttp.ClientSession) -> None:
+    async def client(i: int, send: Callable[[bytes], Awaitable[str]]) -> None:
         k = i
         while True:
             t0 = time.perf_counter()
@@ -81,12 +88,7 @@ async def closed_loop(
                 return
             body = load.bodies[k % len(load.bodies)]
             k += concurrency
-            try:
-                async with http.post(url, data=body, headers=load.headers) as resp:
-                    await resp.read()
-                    status = str(resp.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                status = f"exception:{type(exc).__name__}"
+            status = await send(body)
             t1 = time.perf_counter()
             if t0 >= measure_from and t1 <= measure_to:
                 statuses[status] += 1
@@ -99,9 +101,9 @@ async def closed_loop(
         await asyncio.sleep(max(0.0, measure_to - time.perf_counter()))
         return s0, server.cpu_seconds(), c0, sum(me.cpu_times()[:2])
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+    async with sender(url, load.headers, concurrency) as send:
         probing = asyncio.ensure_future(probe())
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+        await asyncio.gather(*(client(i, send) for i in range(concurrency)))
         s0, s1, c0, c1 = await probing
     memory = server.memory()
     ok = statuses.pop("200", 0)
@@ -124,3 +126,39 @@ async def closed_loop(
         server_cpu_us_per_request=1e6 * (s1 - s0) / ok if ok else math.nan,
         server_cpu_us_per_sample=1e6 * (s1 - s0) / (ok * samples_per_request) if ok else math.nan,
     )
+
+
+@contextlib.asynccontextmanager
+async def sender(
+    url: str, headers: dict[str, str], concurrency: int
+) -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
+    """``send(body) -> status``: ``"200"`` for an answer, the status code otherwise (a gRPC
+    error as ``grpc:CODE``), ``exception:Name`` when the call failed outright."""
+    if url.startswith("grpc://"):
+        target = url.removeprefix("grpc://").partition("/")[0]
+        unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        async with grpc.aio.insecure_channel(target, options=unlimited) as channel:
+            infer = channel.unary_unary(GRPC_INFER)  # bytes in, bytes out
+
+            async def send_grpc(body: bytes) -> str:
+                try:
+                    await infer(body, timeout=60)
+                    return "200"
+                except grpc.aio.AioRpcError as exc:
+                    return f"grpc:{exc.code().name}"
+
+            yield send_grpc
+        return
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def send_http(body: bytes) -> str:
+            try:
+                async with http.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    return str(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return f"exception:{type(exc).__name__}"
+
+        yield send_http

@@ -358,6 +358,7 @@ def slimserve(
     port = free_port()
     env = {
         **os.environ,
+        "SLIMSERVE_GRPC_PORT": str(free_port()),  # never 8001: servers run side by side
         **(settings or {}),
         "SLIMSERVE_MODEL_REPOSITORY": str(repo),
         "SLIMSERVE_HOST": "127.0.0.1",
@@ -392,7 +393,11 @@ def bentoml_baseline(repo: Path, model: str, kind: str, work: Path, log: Path) -
     return ServerProcess(kind, model, cmd, env, port, log, ready_path="/readyz")
 
 
-def infer_url(server: ServerProcess, model: str) -> str:
+def infer_url(server: ServerProcess, model: str, grpc: bool = False) -> str:
+    """Where ``model``'s inference requests go (``grpc://host:port/model`` for slimserve's
+    v2 gRPC service)."""
+    if grpc:
+        return f"grpc://127.0.0.1:{server.env['SLIMSERVE_GRPC_PORT']}/{model}"
     if server.kind in BENTOML_SERVICES:
         return f"{server.url}/predict"
     return f"{server.url}/v2/models/{model}/infer"

@@ -135,3 +135,24 @@ def test_no_server_is_left_behind(bench) -> None:
         assert server["pids"], server
         assert not [p for p in server["pids"] if _alive(p["pid"], p["create_time"])], server
         assert not _listening(server["port"]), server
+
+
+def test_the_grpc_bench_measures_both_protocols_and_the_ceilings(tmp_path: Path) -> None:
+    """``make bench-grpc`` with tiny cells: every (HTTP binary, gRPC) pair answered without
+    errors, the in-process ceilings at batch 1 and 32, and the headline in the report."""
+    from loadtest.serving.protocols import cells
+
+    cmd = [sys.executable, "-m", "loadtest.serving.protocols", "--repeats", "1"]
+    cmd += ["--cell-seconds", "0.3", "--warmup-seconds", "0.1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    ids = {cell.id for pair in cells() for cell in pair}
+    assert set(doc["cells"]) == ids
+    for cell_id, measured in doc["cells"].items():
+        assert measured["ok"] > 0 and not measured["errors"], (cell_id, measured)
+    for model in ("digits-cnn", "mlp-2048"):
+        assert set(doc["ceilings"][model]) == {"1", "32"}
+        assert all(c["samples_per_s"] > 0 for c in doc["ceilings"][model].values())
+    report = (tmp_path / "results.md").read_text()
+    assert "best share of in-process at batch 32" in report and "| gRPC |" in report
