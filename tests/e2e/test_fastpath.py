@@ -11,7 +11,7 @@ import pytest
 
 from service.core.repository import ModelRepository
 from tests.conftest import publish_identity
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import metric, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -138,11 +138,8 @@ def test_fast_requests_are_counted(fast_server) -> None:
 
 
 def _count(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        wanted = 'model="alpha"' in line and 'outcome="success"' in line
-        if line.startswith("slimserve_requests_total{") and wanted:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return metric(text, "slimserve_requests_total", model="alpha", outcome="success")
 
 
 def test_the_server_answers_after_a_client_vanishes_mid_request(fast_server) -> None:

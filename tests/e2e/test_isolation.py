@@ -18,7 +18,7 @@ import pytest
 
 from service.core.repository import ModelRepository
 from tests.conftest import publish_identity
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import metric, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,14 +51,8 @@ def _infer(url: str, model: str = "alpha", n: int = 1, width: int = 4) -> httpx.
 
 
 def _counter(url: str, model: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if (
-            line.startswith("slimserve_requests_total{")
-            and f'model="{model}"' in line
-            and 'outcome="success"' in line
-        ):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return metric(text, "slimserve_requests_total", model=model, outcome="success")
 
 
 def test_the_server_listens_on_its_own_ports_and_nothing_else(server) -> None:

@@ -42,7 +42,9 @@ def test_metrics_add_up_across_two_workers(zoo_repo: ModelRepository, tmp_path) 
         success = [
             line
             for line in text.splitlines()
-            if line.startswith("slimserve_requests_total{") and 'outcome="success"' in line
+            if line.startswith("slimserve_requests_total{")
+            and 'outcome="success"' in line
+            and 'protocol="http"' in line
         ]
         assert len(success) == 1, success  # one series, summed over the workers
         assert float(success[0].rsplit(" ", 1)[1]) == 60

@@ -160,7 +160,7 @@ def test_every_variant_is_addressable_over_http(store: ModelStore) -> None:
         assert by_url.json()["parameters"] == {"variant": variant}
         assert labels(by_url) == labels(by_param)
         assert by_url.json()["model_name"] == "digits-cnn"
-    requests = metrics().requests.labels("digits-cnn", "1", "int8-static", "success")
+    requests = metrics().requests.labels("digits-cnn", "1", "int8-static", "success", "http")
     assert requests._value.get() >= 2
 
 

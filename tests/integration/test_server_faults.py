@@ -35,7 +35,13 @@ def test_every_500_is_counted(tiny_repo: ModelRepository, monkeypatch) -> None:
     def value(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
-    inference = {"model": "alpha", "version": "1", "variant": "fp32", "outcome": "error"}
+    inference = {
+        "model": "alpha",
+        "version": "1",
+        "variant": "fp32",
+        "outcome": "error",
+        "protocol": "http",
+    }
     before = value("slimserve_requests_total", **inference)
     before_http = value("slimserve_http_errors_total", endpoint="v2", status="500")
     r = _post(app, "/v2/models/alpha/infer", json=BODY)
