@@ -9,6 +9,8 @@ Scenarios (pick one or more by class name):
 - ``TextUser``: the text and sequence models: one text of mixed length per ``/embed``
   (text-minilm), ``/classify`` with texts (news-minilm), v2 ``text`` BYTES requests, and
   ``/forecast`` (sunspots-lstm).
+- ``GrpcUser``: the v2 gRPC service: one digit, and 32 digits in ``raw_input_contents``, per
+  ``ModelInfer`` to digits-cnn, at ``--grpc-target`` (default: the ``-H`` host, port 8001).
 
 ``make loadtest`` runs one headless, bounded in users and time (see the Makefile), e.g.
 ``locust -f loadtest/locustfile.py --headless -u 16 -t 30s -H http://127.0.0.1:3000 MixedUser``.
@@ -28,9 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, User, between, events, task
 
-__all__ = ["V2JsonUser", "V2BinaryUser", "FriendlyUser", "MixedUser", "TextUser", "PAYLOADS"]
+__all__ = [
+    "V2JsonUser",
+    "V2BinaryUser",
+    "FriendlyUser",
+    "MixedUser",
+    "TextUser",
+    "GrpcUser",
+    "PAYLOADS",
+]
 
 #: model -> (dataset, input name, per-sample shape), for the zoo models a scenario may call
 PAYLOADS: dict[str, tuple[str, str, list[int]]] = {
@@ -60,6 +70,11 @@ def _arguments(parser: Any) -> None:
         "--models",
         default=DEFAULT_MIXED,
         help="Comma-separated models for MixedUser (from the zoo).",
+    )
+    parser.add_argument(
+        "--grpc-target",
+        default="",
+        help="host:port of the v2 gRPC service for GrpcUser (default: the -H host, port 8001).",
     )
 
 
@@ -267,3 +282,64 @@ class TextUser(_Slimserve):
         start = random.randrange(0, len(self.history) - 120)
         body = {"model": "sunspots-lstm", "history": self.history[start : start + 120]}
         self._post("forecast", body, "forecast")
+
+
+class GrpcUser(User):
+    """The v2 gRPC service (``inference.GRPCInferenceService``) with the stubs tritonclient
+    ships: one digit or 32 digits per ``ModelInfer``, tensors in ``raw_input_contents`` (what
+    ``tritonclient.grpc`` sends). gRPC's blocking calls yield to Locust's gevent loop."""
+
+    wait_time = between(0, 0.002)
+
+    def on_start(self) -> None:
+        import grpc
+        import grpc.experimental.gevent as grpc_gevent
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        grpc_gevent.init_gevent()  # before the first channel: calls then yield to gevent
+        self.pb = service_pb2
+        target = self.environment.parsed_options.grpc_target
+        if not target:
+            host = (self.host or "http://127.0.0.1").split("://")[-1].split("/")[0]
+            target = f"{host.rsplit(':', 1)[0]}:8001"
+        self.channel = grpc.insecure_channel(target)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.x = _rows("digits-cnn")
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    def _infer(self, samples: int) -> None:
+        import time
+
+        i = random.randrange(len(self.x) - samples)
+        x = np.ascontiguousarray(self.x[i : i + samples], dtype="<f4")
+        request = self.pb.ModelInferRequest(model_name="digits-cnn")
+        request.inputs.add(name="pixels", datatype="FP32", shape=x.shape)
+        request.raw_input_contents.append(x.tobytes())
+        start, length = time.perf_counter(), 0
+        error: Exception | None = None
+        try:
+            response = self.stub.ModelInfer(request, timeout=30)
+            length = response.ByteSize()
+            shapes = {o.name: list(o.shape) for o in response.outputs}
+            if shapes.get("label") != [samples]:
+                error = AssertionError(f"expected {samples} labels back, got {shapes}")
+        except Exception as exc:  # a gRPC status, reported as the failure
+            error = exc
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=f"grpc infer digits-cnn b{samples}",
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
+        )
+
+    @task(4)
+    def one_digit(self) -> None:
+        self._infer(1)
+
+    @task(1)
+    def thirty_two_digits(self) -> None:
+        self._infer(32)

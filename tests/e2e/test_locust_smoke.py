@@ -45,3 +45,10 @@ def test_failures_are_reported(server, tmp_path: Path) -> None:
     rows = run_locust(server, tmp_path, "MixedUser", "--models", "iris-knn")  # fails to load
     total = rows["Aggregated"]
     assert int(total["Failure Count"]) == int(total["Request Count"]) > 0
+
+
+def test_the_grpc_scenario_runs_without_failures(server, tmp_path: Path) -> None:
+    rows = run_locust(server, tmp_path, "GrpcUser", "--grpc-target", server.grpc_target)
+    assert int(rows["Aggregated"]["Request Count"]) > 10
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert {"grpc infer digits-cnn b1", "grpc infer digits-cnn b32"} <= set(rows)
