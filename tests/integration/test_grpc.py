@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import time
 
 import grpc
 import numpy as np
@@ -19,11 +20,10 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from export.data import load
-from service.core.errors import Overloaded
 from service.core.logs import RejectionLog
 from service.core.repository import ModelRepository
 from service.core.settings import Settings
-from service.grpc.server import GrpcListener, InferenceServicer
+from service.grpc.server import GrpcListener
 from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 
@@ -48,13 +48,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def serve(repo: ModelRepository, check, **settings) -> None:
-    """Start the listener on a free port, run ``check(client, stub, dataplane)``, stop."""
+def serve(repo: ModelRepository, check, prepare=None, **settings) -> None:
+    """Start the listener on a free port, run ``check(client, stub, dataplane)``, stop;
+    ``prepare(store)`` first, when given."""
     config = Settings(
         model_repository=repo.root, grpc_port=_port(), max_body_bytes=200_000, **settings
     )
     store = ModelStore(repo, config)
     store.load_all()
+    if prepare is not None:
+        prepare(store)
 
     async def main() -> None:
         dataplane = DataPlane(store)
@@ -288,23 +291,49 @@ def test_streaming_answers_each_request_or_its_error(repo: ModelRepository) -> N
     serve(repo, check)
 
 
-def test_unavailable_carries_the_retry_hint() -> None:
-    class Context:
-        async def abort(self, code, details, trailing_metadata=()):
-            self.aborted = (code, details, dict(trailing_metadata))
-            raise grpc.RpcError()
+def test_a_full_queue_is_unavailable_with_the_retry_hint(repo: ModelRepository) -> None:
+    """A model whose runs take 50 ms and whose queue holds one sample: of 16 calls at once,
+    some are refused with UNAVAILABLE, the queue named, and Retry-After's seconds in the
+    trailing metadata (``retry-after``, and gRPC's ``grpc-retry-pushback-ms``)."""
 
-    class Plane:
-        settings = Settings()
-        tracer = None
+    def slow(store: ModelStore) -> None:
+        batcher = store.resolve("digits-cnn").batcher
+        run = batcher._run
 
-        def server_metadata(self):
-            return {"name": "slimserve", "version": "0", "extensions": []}
+        def slowly(feeds, *args):
+            time.sleep(0.05)
+            return run(feeds, *args)
 
-    servicer = InferenceServicer(Plane())  # type: ignore[arg-type]
-    context = Context()
-    with pytest.raises(grpc.RpcError):
-        asyncio.run(servicer._abort(context, Overloaded("queue full", 3), "ModelInfer"))
-    code, details, trailers = context.aborted
-    assert code is grpc.StatusCode.UNAVAILABLE and details == "queue full"
-    assert trailers == {"retry-after": "3", "grpc-retry-pushback-ms": "3000"}
+        batcher._run = slowly
+
+    async def check(client, stub, dataplane) -> None:
+        request = pb.ModelInferRequest(model_name="digits-cnn")
+        request.inputs.add(name="pixels", datatype="FP32", shape=[1, 1, 8, 8])
+        request.raw_input_contents.append(_pixels(1).tobytes())
+
+        async def one():
+            try:
+                await stub.ModelInfer(request)
+                return None
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+        errors = [e for e in await asyncio.gather(*(one() for _ in range(16))) if e is not None]
+        assert 0 < len(errors) < 16
+        for error in errors:
+            assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+            assert "queue full" in error.details() and "retry later" in error.details()
+            trailers = dict(error.trailing_metadata() or ())
+            assert trailers["retry-after"] == "2"
+            assert trailers["grpc-retry-pushback-ms"] == "2000"
+
+    serve(
+        repo,
+        check,
+        slow,
+        max_batch_size=1,
+        max_queue_size=1,
+        retry_after_s=2,
+        inline_run_us=0,
+        load_variants=False,
+    )
