@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -310,8 +311,6 @@ class GrpcUser(User):
         self.channel.close()
 
     def _infer(self, samples: int) -> None:
-        import time
-
         i = random.randrange(len(self.x) - samples)
         x = np.ascontiguousarray(self.x[i : i + samples], dtype="<f4")
         request = self.pb.ModelInferRequest(model_name="digits-cnn")

@@ -54,6 +54,7 @@ __all__ = [
     "BINARY_CELL",
     "CEILING_BATCHES",
     "CONCURRENCY",
+    "Ceilings",
     "HEADLINE_CONCURRENCY",
     "QUICK_CONCURRENCY",
     "Cell",
@@ -61,7 +62,9 @@ __all__ = [
     "alternate",
     "baseline",
     "budget",
+    "ceiling_round",
     "ceiling_seconds",
+    "ceiling_summary",
     "ceiling_targets",
     "check_response",
     "headline_concurrency",
@@ -388,11 +391,11 @@ def ceiling_targets() -> list[str]:
     return [m for m in (CNN, MLP)] + [f"{m}@{v}" for m, vs in VARIANTS.items() for v in vs]
 
 
-def _ceilings(
-    repo: ModelRepository,
-    opts: Options,
-    ceilings: dict[str, dict[int, list[tuple[float, float]]]],
-) -> None:
+#: target (``name`` or ``name@variant``) -> batch -> (samples/s, CPU us per sample) per round
+Ceilings = dict[str, dict[int, list[tuple[float, float]]]]
+
+
+def ceiling_round(repo: ModelRepository, opts: Options, ceilings: Ceilings) -> None:
     """One round of in-process ceilings, every target at every batch size."""
     for target in ceilings:
         name, _, variant = target.partition("@")
@@ -413,7 +416,7 @@ class _Round:
     cells: list[Cell]
     servers: list[ServerProcess]
     results: dict[str, list[LoadResult]]
-    ceilings: dict[str, dict[int, list[tuple[float, float]]]]
+    ceilings: Ceilings
 
     def run(self, r: int) -> None:
         """Repeat ``r``: every server in turn, starting one further along than the last."""
@@ -427,7 +430,7 @@ class _Round:
                 self.servers.append(server)
                 cells = [c for c in self.cells if kind in c.servers]
                 run_phase(server, cells, self.opts, self.results)
-                _ceilings(ModelRepository(self.repo), self.opts, self.ceilings)
+                ceiling_round(ModelRepository(self.repo), self.opts, self.ceilings)
                 continue
             for model in (CNN, MLP):
                 cells = [c for c in self.cells if kind in c.servers and c.model == model]
@@ -445,9 +448,7 @@ def measure(
     appended to ``servers`` (so that the caller can stop and record it whatever happens)."""
     all_cells = sweep_cells(opts.concurrency, opts.servers)
     results: dict[str, list[LoadResult]] = {f"{s}|{c.id}": [] for c in all_cells for s in c.servers}
-    ceilings: dict[str, dict[int, list[tuple[float, float]]]] = {
-        t: {b: [] for b in CEILING_BATCHES} for t in ceiling_targets()
-    }
+    ceilings: Ceilings = {t: {b: [] for b in CEILING_BATCHES} for t in ceiling_targets()}
     rounds = _Round(repo, work, opts, all_cells, servers, results, ceilings)
     for r in range(opts.repeats):
         rounds.run(r)
@@ -462,7 +463,12 @@ def measure(
         for cell in all_cells
         for s in cell.servers
     ]
-    per_target = {
+    return cells, ceiling_summary(ceilings)
+
+
+def ceiling_summary(ceilings: Ceilings) -> dict[str, dict[str, dict[str, Any]]]:
+    """Target -> batch (as text) -> every round's samples/s, and the medians."""
+    return {
         t: {
             str(b): {
                 "runs": [r for r, _ in runs],
@@ -473,7 +479,6 @@ def measure(
         }
         for t, per in ceilings.items()
     }
-    return cells, per_target
 
 
 def measure_startup(

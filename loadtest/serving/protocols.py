@@ -24,10 +24,12 @@ from typing import Annotated, Any
 import typer
 
 from loadtest.serving.cells import (
+    CEILING_BATCHES,
+    Ceilings,
     Cell,
     Options,
-    ceiling_seconds,
-    ort_ceiling_cost,
+    ceiling_round,
+    ceiling_summary,
     run_phase,
     summarise,
 )
@@ -43,7 +45,7 @@ app = typer.Typer(add_completion=False, help=(__doc__ or "").splitlines()[0])
 
 ENCODINGS = ("binary", "grpc")
 CONCURRENCY = {MLP: (1, 4, 8, 16, 64), CNN: (1, 16, 64)}
-BATCHES = (1, 32)
+BATCHES = CEILING_BATCHES  # samples per request: 1 and 32, read against the same ceilings
 
 
 def cells() -> list[tuple[Cell, Cell]]:
@@ -69,9 +71,7 @@ def run(opts: Options) -> dict[str, Any]:
     }
     pairs = cells()
     results: dict[str, list[LoadResult]] = defaultdict(list)
-    ceilings: dict[str, dict[int, list[tuple[float, float]]]] = {
-        m: {b: [] for b in BATCHES} for m in CONCURRENCY
-    }
+    ceilings: Ceilings = {m: {b: [] for b in CEILING_BATCHES} for m in CONCURRENCY}
     try:
         build_repository(repo)
         for r in range(opts.repeats):
@@ -79,27 +79,16 @@ def run(opts: Options) -> dict[str, Any]:
             order = [cell for pair in pairs for cell in (pair if r % 2 == 0 else pair[::-1])]
             server = slimserve(repo, work, opts.out / "logs" / f"slimserve-{r}.log")
             run_phase(server, order, opts, results)
-            for model, by_batch in ceilings.items():
-                path = ModelRepository(repo).get(model).variant_path("fp32")
-                for b, runs in by_batch.items():
-                    runs.append(ort_ceiling_cost(path, b, *ceiling_seconds(opts)))
+            ceiling_round(ModelRepository(repo), opts, ceilings)
     finally:
         stop_live()
         shutil.rmtree(work, ignore_errors=True)
     doc["cells"] = {
         cell.id: summarise(results[f"slimserve|{cell.id}"]) for pair in pairs for cell in pair
     }
-    doc["ceilings"] = {
-        m: {str(b): _ceiling(runs) for b, runs in by.items()} for m, by in ceilings.items()
-    }
+    doc["ceilings"] = ceiling_summary(ceilings)
     doc["loadavg_end"] = os.getloadavg()
     return doc
-
-
-def _ceiling(runs: list[tuple[float, float]]) -> dict[str, float]:
-    values = sorted(v for v, _ in runs)
-    costs = sorted(c for _, c in runs)
-    return {"samples_per_s": values[len(values) // 2], "cpu_us_per_sample": costs[len(costs) // 2]}
 
 
 def _share(doc: dict[str, Any], cell: Cell) -> float:

@@ -14,7 +14,7 @@ request, typed contents for a typed one. The messages are those of Triton's
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,9 @@ from ..core.protocol import (
     tensor_header,
     to_bytes,
 )
+from ..core.repository import TensorSpec
 from ..core.validation import Expected
-from ..serving.dataplane import Inference
+from ..serving.dataplane import PLATFORM, Inference
 
 __all__ = [
     "decode_infer",
@@ -197,29 +198,35 @@ _CONFIG_TYPES = {
 }
 
 
-def model_config(metadata: dict[str, Any], max_batch_size: int, delay_ms: float) -> Any:
-    """Triton's ``ModelConfig`` of a model, from its v2 metadata and its batcher's settings:
-    what ``perf_analyzer`` and ``tritonclient``'s ``get_model_config`` read. Inputs with a
-    dynamic first axis are batched, so ``dims`` leave it out, as Triton's configs do."""
-    batched = all(t["shape"][:1] == [-1] for t in metadata["inputs"] + metadata["outputs"])
+def model_config(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    delay_ms: float,
+) -> Any:
+    """Triton's ``ModelConfig`` of a model, from its tensors and its batcher's settings: what
+    ``perf_analyzer`` and ``tritonclient``'s ``get_model_config`` read. Inputs with a dynamic
+    first axis are batched, so ``dims`` leave it out, as Triton's configs do."""
+    batched = all(t.shape[:1] == (-1,) for t in (*inputs, *outputs))
 
-    def tensors(kind: type, specs: list[dict[str, Any]]) -> list[Any]:
+    def tensors(kind: type, specs: Sequence[TensorSpec]) -> list[Any]:
         return [
             kind(
-                name=t["name"],
-                data_type=_CONFIG_TYPES[t["datatype"]],
-                dims=t["shape"][1:] if batched else t["shape"],
+                name=t.name,
+                data_type=_CONFIG_TYPES[t.datatype],
+                dims=t.shape[1:] if batched else t.shape,
             )
             for t in specs
         ]
 
     config = mc.ModelConfig(
-        name=metadata["name"],
-        platform=metadata["platform"],
+        name=name,
+        platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=max_batch_size if batched else 0,
-        input=tensors(mc.ModelInput, metadata["inputs"]),
-        output=tensors(mc.ModelOutput, metadata["outputs"]),
+        input=tensors(mc.ModelInput, inputs),
+        output=tensors(mc.ModelOutput, outputs),
     )
     if batched:
         config.dynamic_batching.max_queue_delay_microseconds = int(delay_ms * 1000)

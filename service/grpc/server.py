@@ -40,7 +40,6 @@ from ..core.errors import (
 )
 from ..core.logs import RejectionLog, clip
 from ..core.protocol import InferRequest
-from ..core.settings import Settings
 from ..serving.dataplane import DataPlane
 from ..serving.metrics import statistics
 from ..serving.store import LoadedModel
@@ -71,6 +70,15 @@ def status_of(exc: ServingError) -> grpc.StatusCode:
     return next((code for kind, code in STATUS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
 
 
+def _unimplemented(message: str) -> Any:
+    """An RPC slimserve does not serve: UNIMPLEMENTED, with what to do instead."""
+
+    async def rpc(self: Any, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return rpc
+
+
 def address(host: str, port: int) -> str:
     """``host:port`` as gRPC reads it (an IPv6 address in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -81,7 +89,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, dataplane: DataPlane, rejections: RejectionLog | None = None) -> None:
         self.dataplane = dataplane
-        self.settings = dataplane.settings
         self.rejections = rejections or RejectionLog(log)
         self.traced = dataplane.tracer is not None
         metadata = dataplane.server_metadata()
@@ -145,12 +152,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         try:
             model = self.dataplane.store.resolve(request.name, request.version or None)
-            doc = self.dataplane.model_metadata(request.name, request.version or None)
         except ServingError as exc:
             await self._abort(context, exc, "ModelConfig")
-        batcher = model.batcher
-        assert batcher is not None
-        config = model_config(doc, batcher.max_batch_size, batcher.max_queue_delay_s * 1000)
+        batcher, session = model.batcher, model.session
+        assert batcher is not None and session is not None
+        config = model_config(
+            model.name,
+            model.inputs,
+            session.outputs,
+            batcher.max_batch_size,
+            batcher.max_queue_delay_s * 1000,
+        )
         return pb.ModelConfigResponse(config=config)
 
     # ------------------------------------------------------------------ inference
@@ -267,7 +279,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             pass  # known but not serving now: its past figures still stand
         except ServingError as exc:
             await self._abort(context, exc, "ModelStatistics")
-        duration = pb.StatisticDuration
+
+        def duration(row: dict[str, float], key: str) -> Any:
+            """``key``'s count and, where it is timed (``key_s``), its nanoseconds."""
+            ns = int(row.get(f"{key}_s", 0) * 1e9)
+            return pb.StatisticDuration(count=int(row.get(key, 0)), ns=ns)
+
         found = []
         for (name, version), row in sorted(statistics().items()):
             if request.name and name != request.name.partition("@")[0]:
@@ -281,18 +298,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     inference_count=int(row.get("samples", 0)),
                     execution_count=int(row.get("executions", 0)),
                     inference_stats=pb.InferStatistics(
-                        success=duration(
-                            count=int(row.get("success", 0)),
-                            ns=int(row.get("success_s", 0) * 1e9),
-                        ),
-                        fail=duration(count=int(row.get("fail", 0))),
-                        queue=duration(
-                            count=int(row.get("queue", 0)), ns=int(row.get("queue_s", 0) * 1e9)
-                        ),
-                        compute_infer=duration(
-                            count=int(row.get("compute", 0)),
-                            ns=int(row.get("compute_s", 0) * 1e9),
-                        ),
+                        success=duration(row, "success"),
+                        fail=duration(row, "fail"),
+                        queue=duration(row, "queue"),
+                        compute_infer=duration(row, "compute"),
                     ),
                 )
             )
@@ -300,51 +309,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ not served
 
-    async def _unsupported(self, context: Any, what: str) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _UNSUPPORTED.format(what=what))
-
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "system shared memory")
-
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "system shared memory")
-
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "system shared memory")
-
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "CUDA shared memory")
-
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "CUDA shared memory")
-
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        await self._unsupported(context, "CUDA shared memory")
-
-    async def TraceSetting(self, request: Any, context: Any) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "slimserve traces with OpenTelemetry, set by OTEL_* variables at start; "
-            "TraceSetting changes nothing here",
-        )
-
-    async def LogSettings(self, request: Any, context: Any) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "slimserve's log settings are not changed at run time; LogSettings changes "
-            "nothing here",
-        )
+    SystemSharedMemoryStatus = SystemSharedMemoryRegister = SystemSharedMemoryUnregister = (
+        _unimplemented(_UNSUPPORTED.format(what="system shared memory"))
+    )
+    CudaSharedMemoryStatus = CudaSharedMemoryRegister = CudaSharedMemoryUnregister = _unimplemented(
+        _UNSUPPORTED.format(what="CUDA shared memory")
+    )
+    TraceSetting = _unimplemented(
+        "slimserve traces with OpenTelemetry, set by OTEL_* variables at start; "
+        "TraceSetting changes nothing here"
+    )
+    LogSettings = _unimplemented(
+        "slimserve's log settings are not changed at run time; LogSettings changes nothing here"
+    )
 
 
 class GrpcListener:
     """The gRPC server of one worker, on its event loop; ``ready`` while it serves."""
 
-    def __init__(self, dataplane: DataPlane, settings: Settings, rejections: RejectionLog) -> None:
+    def __init__(self, dataplane: DataPlane, rejections: RejectionLog) -> None:
         self.dataplane = dataplane
-        self.settings = settings
+        self.settings = dataplane.settings
         self.rejections = rejections
         self.server: Any = None
-        self.port: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -364,7 +351,7 @@ class GrpcListener:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         where = address(settings.host, settings.grpc_port)
         try:
-            self.port = server.add_insecure_port(where)
+            server.add_insecure_port(where)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"cannot listen for gRPC on {where}: {exc}; SLIMSERVE_GRPC_PORT picks another "

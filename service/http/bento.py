@@ -85,7 +85,7 @@ class SlimServe:
         # the v2 gRPC service beside HTTP, on the worker's event loop (SLIMSERVE_GRPC_PORT)
         self.grpc: GrpcListener | None = None
         if _settings.grpc_port:
-            grpc = self.grpc = GrpcListener(self.dataplane, _settings, self.http.rejections)
+            grpc = self.grpc = GrpcListener(self.dataplane, self.http.rejections)
             self.dataplane.listeners["grpc"] = lambda: grpc.ready
         # the loaded graphs and sessions live as long as the worker: keep them out of the
         # cyclic GC's full collections (measured: 100-230 ms pauses otherwise)

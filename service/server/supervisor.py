@@ -48,10 +48,13 @@ _CRASH_WINDOW_S = 60.0
 _MAX_CRASHES = 5
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def bind(host: str, port: int, backlog: int) -> socket.socket:
     """The listening socket every worker shares (IPv6 when ``host`` is an IPv6 address)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock = socket.create_server((host, port), family=_family(host), backlog=backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -60,10 +63,9 @@ def reserve(host: str, port: int) -> socket.socket:
     """Hold ``port`` for the workers' gRPC servers: bound (not listening) with
     ``SO_REUSEPORT``, which they join. It must be free first: a plain bind fails on a port
     any socket holds, a listening ``SO_REUSEPORT`` one of another server included."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.bind((host, port))
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock

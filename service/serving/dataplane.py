@@ -259,7 +259,7 @@ class DataPlane:
     def server_ready(self) -> bool:
         """Ready while every listener serves and at least one model does (the others are
         reported with reasons)."""
-        if not all(serving() for serving in self.listeners.values()):
+        if not all(self.listeners_ready().values()):
             return False
         return any(e.primary() is not None for e in self.store.entries.values())
 

@@ -61,7 +61,7 @@ def serve(repo: ModelRepository, check, prepare=None, **settings) -> None:
 
     async def main() -> None:
         dataplane = DataPlane(store)
-        listener = GrpcListener(dataplane, config, RejectionLog(logging.getLogger("test")))
+        listener = GrpcListener(dataplane, RejectionLog(logging.getLogger("test")))
         dataplane.listeners["grpc"] = lambda: listener.ready
         assert not dataplane.server_ready()  # registered, not serving yet
         await listener.start()

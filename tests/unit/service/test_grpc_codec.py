@@ -188,18 +188,14 @@ def test_answers_come_raw_for_raw_requests_and_typed_for_typed_ones() -> None:
 
 
 def test_model_config_leaves_the_batch_axis_out() -> None:
-    metadata = {
-        "name": "cnn",
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
-        "outputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-    }
-    config = model_config(metadata, 64, 2.0)
+    inputs = [TensorSpec("pixels", "FP32", (-1, 1, 8, 8))]
+    outputs = [TensorSpec("text", "BYTES", (-1,))]
+    config = model_config("cnn", inputs, outputs, 64, 2.0)
     assert config.max_batch_size == 64 and list(config.input[0].dims) == [1, 8, 8]
     assert config.output[0].data_type == mc.TYPE_STRING and list(config.output[0].dims) == []
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-    metadata["inputs"][0]["shape"] = [1, 8, 8]
-    assert model_config(metadata, 64, 2.0).max_batch_size == 0
+    inputs = [TensorSpec("pixels", "FP32", (1, 8, 8))]
+    assert model_config("cnn", inputs, outputs, 64, 2.0).max_batch_size == 0
 
 
 @pytest.mark.parametrize(
