@@ -27,6 +27,7 @@ help:
 	@echo "make bench-overload   slimserve offered 4x its capacity (about 1 min)"
 	@echo "make bench-workers    1 and N workers, onnxruntime threads, auto (about 6 min)"
 	@echo "make bench-text   text models: bucketed vs padded batching, endpoints, batch jobs"
+	@echo "make bench-ray    slimserve alone vs Ray Serve with 1 and 2 replicas (about 8 min)"
 	@echo "make bench-grpc   v2 gRPC beside HTTP binary and in-process onnxruntime (about 10 min)"
 	@echo "make profile  py-spy flame graph of the worker under the CNN JSON c=64 load (1 min)"
 	@echo "make soak     mixed traffic for SOAK_MINUTES (5), memory and descriptors over time"
@@ -106,6 +107,13 @@ bench-ab: install
 .PHONY: bench-text
 bench-text: install
 	$(PY) -m loadtest.serving.text --repo $(REPO) $(BENCH_ARGS)
+
+# slimserve alone and on Ray Serve with 1 and 2 replicas (HTTP binary, one and 16 clients):
+# the proxy's added latency and CPU per request, and what a second replica gives (about 8 min);
+# results in loadtest/results/<UTC time>-ray/
+.PHONY: bench-ray
+bench-ray: install
+	$(PY) -m loadtest.serving.rayserve $(BENCH_ARGS)
 
 # gRPC beside HTTP binary (1 and 32 samples per request, 1-64 clients) and in-process
 # onnxruntime (about 10 min); results in loadtest/results/<UTC time>-grpc/

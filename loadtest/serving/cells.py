@@ -296,6 +296,25 @@ class Options:
     servers: tuple[str, ...] = SERVERS
 
 
+def run_and_save(
+    suffix: str,
+    run: Callable[[Options], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    repeats: int,
+    cell_seconds: float,
+    warmup_seconds: float,
+    out: Path | None,
+) -> None:
+    """A focused bench's command: ``run`` into ``out`` (or a fresh results folder named with
+    ``suffix``), then its results.json and results.md."""
+    from loadtest.serving.report import results_folder, save
+
+    folder = results_folder(out, suffix)
+    opts = Options(folder, cell_seconds, warmup_seconds, repeats, False, Path("."), False)
+    doc = run(opts)
+    save(folder, doc, markdown(doc))
+
+
 def ceiling_seconds(opts: Options) -> tuple[float, float]:
     """Warm-up and measuring time of one in-process ceiling: short, there are many of them."""
     return min(opts.warmup_seconds, 0.5), min(opts.cell_seconds, 2.0)

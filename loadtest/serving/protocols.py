@@ -30,11 +30,11 @@ from loadtest.serving.cells import (
     Options,
     ceiling_round,
     ceiling_summary,
+    run_and_save,
     run_phase,
     summarise,
 )
 from loadtest.serving.load import LoadResult
-from loadtest.serving.report import results_folder, save
 from loadtest.serving.servers import CNN, MLP, build_repository, slimserve, stop_live
 from service.core.repository import ModelRepository
 from service.core.settings import usable_cpus
@@ -164,10 +164,7 @@ def main(
     out: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
 ) -> None:
     """Run every cell over both protocols and the in-process ceilings; write results.json/.md."""
-    folder = results_folder(out, "grpc")
-    opts = Options(folder, cell_seconds, warmup_seconds, repeats, False, Path("."), False)
-    doc = run(opts)
-    save(folder, doc, markdown(doc))
+    run_and_save("grpc", run, markdown, repeats, cell_seconds, warmup_seconds, out)
 
 
 if __name__ == "__main__":

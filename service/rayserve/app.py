@@ -5,6 +5,8 @@
     Ray Serve HTTP proxy -> Router -> group-<name> replicas (store, batcher, onnxruntime)
                                 \\-> MetricsBoard <- every replica's metrics
 
+    one group:  Ray Serve HTTP proxy -> group-default replicas  (no router: one hop less)
+
 :func:`build` turns the settings into the application ``serve.run`` deploys: how each group
 scales (``num_replicas`` or Ray Serve's ``autoscaling_config``), what a replica reserves and
 holds, and the settings the replicas serve with (every ``SLIMSERVE_*`` the driver has, the
@@ -22,7 +24,7 @@ from ray.serve.config import AutoscalingConfig
 from ..core.settings import RayServeSettings, Settings
 from .board import board_deployment
 from .groups import Group, Grouping
-from .replica import replica_deployment
+from .replica import ingress_deployment, replica_deployment
 from .router import router_deployment
 
 __all__ = ["build", "replica_settings", "deployment_options"]
@@ -110,6 +112,11 @@ def build(settings: Settings, ray_settings: RayServeSettings, names: list[str]) 
     served = replica_settings(settings, ray_settings)
     quick: dict[str, Any] = {"logging_config": QUIET, "graceful_shutdown_timeout_s": 2}
     board = board_deployment.options(**quick).bind(ray_settings.metrics_push_s)
+    if len(grouping.groups) == 1:  # its replicas take requests from the proxy themselves
+        (only,) = grouping.groups
+        options = deployment_options(only, ray_settings, settings.graceful_shutdown_s)
+        ingress = ingress_deployment.options(**options)
+        return ingress.bind(grouping, only.name, served, board, ray_settings.metrics_push_s)
     groups = {
         group.name: replica_deployment.options(
             **deployment_options(group, ray_settings, settings.graceful_shutdown_s)

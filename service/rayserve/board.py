@@ -17,8 +17,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-__all__ = ["MetricsBoard", "federate"]
+from ..http.asgi import Send, respond
+
+__all__ = ["MetricsBoard", "federate", "serve_metrics", "board_deployment"]
+
+PROMETHEUS = {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
 
 #: periods of silence after which a replica's metrics are dropped
 STALE_PERIODS = 3
@@ -76,3 +81,8 @@ class MetricsBoard:
 board_deployment = serve.deployment(
     num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
 )(MetricsBoard)
+
+
+async def serve_metrics(board: DeploymentHandle, send: Send) -> None:
+    """``GET /metrics``: the board's merge of every replica's metrics."""
+    await respond(send, 200, await board.collect.remote(), PROMETHEUS)

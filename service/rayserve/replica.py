@@ -21,14 +21,22 @@ from ray.serve.handle import DeploymentHandle
 
 from ..core.settings import Settings
 from ..http.app import HttpApp
+from ..http.asgi import Receive, Scope, Send
 from ..serving.dataplane import DataPlane
 from ..serving.lifecycle import Lifecycle
 from ..serving.store import ModelStore
 from ..serving.tracing import make_tracer
+from .board import serve_metrics
 from .forward import Answered, Forwarded, call_asgi
 from .groups import Grouping, GroupRepository
 
-__all__ = ["GroupReplica", "OPENAPI_BASE"]
+__all__ = [
+    "GroupReplica",
+    "IngressGroup",
+    "OPENAPI_BASE",
+    "replica_deployment",
+    "ingress_deployment",
+]
 
 log = logging.getLogger("slimserve.rayserve")
 
@@ -94,6 +102,25 @@ class GroupReplica:
         await self.dataplane.close()
 
 
+class IngressGroup(GroupReplica):
+    """The application's only group: Ray Serve's proxy hands requests straight to its
+    replicas, which serve the worker's ASGI app and ``/metrics`` (no router, one Ray hop
+    less: ``loadtest/published/*-ray.md``)."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        http, board = self.http, self.board
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return
+            if scope["path"] == "/metrics":
+                return await serve_metrics(board, send)
+            await http(scope, receive, send)
+
+        return app
+
+
 #: made a deployment here, not with a decorator: a decorated class is not yet bound to its
 #: module's name when Ray pickles it, so Ray would copy it by value with every global it reads
 replica_deployment = serve.deployment()(GroupReplica)
+ingress_deployment = serve.deployment()(serve.ingress()(IngressGroup))

@@ -31,6 +31,7 @@ from ..core.protocol import dumps
 from ..core.settings import Settings
 from ..http import friendly
 from ..http.asgi import JSON, ClientGone, Receive, Scope, Send, respond, respond_error
+from .board import serve_metrics
 from .forward import Answered, Forwarded, read_request, send_answer
 from .groups import Grouping
 
@@ -38,7 +39,6 @@ __all__ = ["Router"]
 
 log = logging.getLogger("slimserve.rayserve")
 
-_PROMETHEUS = {"content-type": "text/plain; version=0.0.4; charset=utf-8"}
 #: how long a group may take to say whether it is ready
 _READY_TIMEOUT_S = 5.0
 
@@ -69,7 +69,7 @@ class Router:
         path = scope["path"]
         try:
             if path == "/metrics":
-                return await respond(send, 200, await self.board.collect.remote(), _PROMETHEUS)
+                return await serve_metrics(self.board, send)
             if path == "/v2/health/ready" and scope["method"] == "GET":
                 return await self._ready(send)
             request = await read_request(scope, receive, self.limit)

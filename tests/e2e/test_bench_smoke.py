@@ -156,3 +156,25 @@ def test_the_grpc_bench_measures_both_protocols_and_the_ceilings(tmp_path: Path)
         assert all(c["samples_per_s"] > 0 for c in doc["ceilings"][model].values())
     report = (tmp_path / "results.md").read_text()
     assert "best share of in-process at batch 32" in report and "| gRPC |" in report
+
+
+def test_the_ray_bench_measures_slimserve_alone_and_on_ray_and_stops_ray(tmp_path: Path) -> None:
+    """``make bench-ray`` with tiny cells: every cell on each server answered without errors,
+    the headline in the report, and no Ray process left once it is done."""
+    pytest.importorskip("ray.serve")
+    from loadtest.serving.rayserve import SERVERS as RAY_SERVERS
+    from loadtest.serving.rayserve import cells
+
+    before = {p.pid for p in psutil.process_iter() if "raylet" in p.name()}
+    cmd = [sys.executable, "-m", "loadtest.serving.rayserve", "--repeats", "1"]
+    cmd += ["--cell-seconds", "0.3", "--warmup-seconds", "0.1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["cells"]) == {f"{s}|{c.id}" for s in RAY_SERVERS for c in cells()}
+    for cell_id, measured in doc["cells"].items():
+        assert measured["ok"] > 0 and not measured["errors"], (cell_id, measured)
+    report = (tmp_path / "results.md").read_text()
+    assert "Ray Serve adds" in report and "| ray-2-replicas |" in report
+    after = {p.pid for p in psutil.process_iter() if "raylet" in p.name()}
+    assert after <= before, "a raylet of the bench is still running"

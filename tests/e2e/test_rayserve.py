@@ -166,8 +166,26 @@ def test_replicas_on_both_nodes_answer_as_the_single_process_server(
     assert f'node="{sorted(nodes)[0][:12]}"' in text and f'node="{sorted(nodes)[1][:12]}"' in text
 
 
-def test_a_model_no_group_serves_and_an_unknown_model_are_404s(cluster, repo, deployed):
-    deployed(repo, groups={"vision": ["digits-*"], "tabular": ["iris-*"]})
+def test_each_replica_checks_sha256_and_health_names_the_group_that_cannot_serve(
+    cluster, repo, deployed, tmp_path
+):
+    root = tmp_path / "models"
+    shutil.copytree(repo, root)
+    onnx_file = root / "iris-knn" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:64])
+    deployed(root, groups={"vision": ["digits-*"], "tabular": ["iris-*"]})
+    got = httpx.get(f"http://{cluster}/v2/health/ready")
+    assert got.status_code == 503 and got.headers["retry-after"] == "1"
+    health = got.json()
+    assert health["groups"]["vision"]["ready"] and not health["groups"]["tabular"]["ready"]
+    assert "sha256" in health["not_ready_models"]["iris-knn"]
+    assert health["groups"]["tabular"]["node"]  # the node whose replica checked the file
+    body = {
+        "inputs": [
+            {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+        ]
+    }
+    assert httpx.post(f"http://{cluster}/v2/models/digits-cnn/infer", json=body).status_code == 200
     got = httpx.post(f"http://{cluster}/v2/models/nope/infer", json={"inputs": []})
     assert got.status_code == 404
     assert "served by no group" in got.json()["error"] and "vision, tabular" in got.json()["error"]
