@@ -40,6 +40,9 @@ __all__ = [
 
 log = logging.getLogger("slimserve.rayserve")
 
+#: how long a stopping replica waits for the board to forget it
+_DROP_TIMEOUT_S = 1.0
+
 #: the document /docs.json builds on (BentoML's, in a worker)
 OPENAPI_BASE: dict[str, Any] = {
     "openapi": "3.0.2",
@@ -97,8 +100,9 @@ class GroupReplica:
 
     async def __del__(self) -> None:
         self.pusher.cancel()
-        with contextlib.suppress(Exception):  # the application is going: so may the board
-            await self.board.drop.remote(self.replica)
+        # the application may be going as a whole: then the board is too, and never answers
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.board.drop.remote(self.replica), _DROP_TIMEOUT_S)
         await self.dataplane.close()
 
 
