@@ -80,6 +80,12 @@ class Router:
             return
         except ServingError as exc:
             await respond_error(send, exc)
+        except (RayActorError, RayServeException) as exc:  # the metrics board restarting
+            log.warning("%s %s failed: %s", scope["method"], clip(path), exc)
+            await respond_error(send, Unavailable(f"{clip(path)}: retry", self.retry_after_s))
+        except Exception:
+            log.exception("500 %s %s", scope["method"], clip(path))
+            await respond(send, 500, dumps({"error": "internal server error"}), JSON)
 
     def _group_for(self, request: Forwarded) -> str:
         """The group that answers ``request``: its model's, else any group."""

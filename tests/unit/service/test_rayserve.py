@@ -191,3 +191,108 @@ def test_call_asgi_gives_the_app_the_request_and_gathers_its_answer():
         [(b"x-a", b"1")],
         b"POST /p q=1 data",
     )
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class _Handle:
+    """A Ray Serve handle's shape: ``handle.method.remote(...)`` awaited."""
+
+    def __init__(self, **methods):
+        for name, fn in methods.items():
+            setattr(self, name, _Method(fn))
+
+
+def _router(vision_forward=None):
+    from service.rayserve.forward import Answered
+    from service.rayserve.router import Router
+
+    async def answer(group, request):
+        return Answered(200, [(b"content-type", b"text/plain")], f"{group} {request.path}".encode())
+
+    def group(name, ready=True, forward=None):
+        async def is_ready():
+            return {"ready": ready, "not_ready_models": {} if ready else {"m": "why"}}
+
+        async def index(ready_only):
+            return [{"name": f"{name}-model", "version": "1", "state": "READY", "reason": ""}]
+
+        return _Handle(forward=forward or (lambda r: answer(name, r)), ready=is_ready, index=index)
+
+    async def collect():
+        return b"slimserve_x 1.0\n"
+
+    grouping = Grouping.from_settings(
+        RayServeSettings(groups={"vision": ["digits-*"], "text": ["text-*"]}), NAMES
+    )
+    handles = {
+        "vision": group("vision", forward=vision_forward),
+        "text": group("text", ready=False),
+        DEFAULT_GROUP: group(DEFAULT_GROUP),
+    }
+    router = Router(grouping, Settings(), handles, _Handle(collect=collect))
+    return router.__serve_build_asgi_app__()
+
+
+def _call(app, method, path, **kwargs):
+    import httpx
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_the_router_sends_each_request_to_its_models_group():
+    app = _router()
+    assert (
+        _call(app, "POST", "/v2/models/digits-cnn/infer").text
+        == "vision /v2/models/digits-cnn/infer"
+    )
+    assert _call(app, "GET", "/v2/models/iris-knn").text == "default /v2/models/iris-knn"
+    got = _call(app, "POST", "/classify", json={"model": "text-minilm", "texts": ["a"]})
+    assert got.text == "text /classify"
+
+
+def test_the_router_merges_health_and_index_across_groups():
+    app = _router()
+    got = _call(app, "GET", "/v2/health/ready")
+    assert got.status_code == 503 and got.headers["retry-after"] == "1"
+    doc = got.json()
+    assert not doc["ready"] and doc["not_ready_models"] == {"m": "why"}
+    assert doc["groups"]["vision"]["ready"] and not doc["groups"]["text"]["ready"]
+    names = [m["name"] for m in _call(app, "POST", "/v2/repository/index", json={}).json()]
+    assert names == ["default-model", "text-model", "vision-model"]
+    assert _call(app, "GET", "/metrics").text == "slimserve_x 1.0\n"
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "message"),
+    [
+        ("backpressure", 503, "every replica holds as many requests as it takes"),
+        ("died", 503, "the replica answering this request stopped (ActorDiedError); retry"),
+        ("bug", 500, "internal server error"),
+    ],
+)
+def test_a_failing_group_is_a_retriable_503_and_a_bug_a_500(raised, status, message):
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    async def forward(request):
+        if raised == "backpressure":
+            raise BackPressureError(num_queued_requests=5, max_queued_requests=5)
+        if raised == "died":
+            raise ActorDiedError()
+        raise KeyError("a bug")
+
+    got = _call(_router(forward), "POST", "/v2/models/digits-cnn/infer", content=b"{}")
+    assert got.status_code == status and message in got.json()["error"]
+    assert (got.headers.get("retry-after") == "1") == (status == 503)
