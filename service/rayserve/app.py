@@ -70,7 +70,7 @@ _AUTOSCALING_FIELDS = (
 
 
 def deployment_options(
-    group: Group, ray_settings: RayServeSettings, graceful_shutdown_s: float = 10
+    group: Group, ray_settings: RayServeSettings, graceful_shutdown_s: float
 ) -> dict[str, Any]:
     """Ray Serve's options for ``group``'s deployment; :class:`ValueError` naming the setting
     when an autoscaling config is not one Ray Serve takes."""
@@ -112,16 +112,15 @@ def build(settings: Settings, ray_settings: RayServeSettings, names: list[str]) 
     served = replica_settings(settings, ray_settings)
     quick: dict[str, Any] = {"logging_config": QUIET, "graceful_shutdown_timeout_s": 2}
     board = board_deployment.options(**quick).bind(ray_settings.metrics_push_s)
-    if len(grouping.groups) == 1:  # its replicas take requests from the proxy themselves
-        (only,) = grouping.groups
-        options = deployment_options(only, ray_settings, settings.graceful_shutdown_s)
-        ingress = ingress_deployment.options(**options)
-        return ingress.bind(grouping, only.name, served, board, ray_settings.metrics_push_s)
+    # one group: its replicas take requests from the proxy themselves (no router)
+    deployment = ingress_deployment if len(grouping.groups) == 1 else replica_deployment
     groups = {
-        group.name: replica_deployment.options(
+        group.name: deployment.options(
             **deployment_options(group, ray_settings, settings.graceful_shutdown_s)
         ).bind(grouping, group.name, served, board, ray_settings.metrics_push_s)
         for group in grouping.groups
     }
+    if len(groups) == 1:
+        return next(iter(groups.values()))
     router = router_deployment.options(num_replicas=ray_settings.router_replicas, **quick)
     return router.bind(grouping, served, groups, board)

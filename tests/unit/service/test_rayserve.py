@@ -21,6 +21,7 @@ from service.rayserve.forward import Forwarded, call_asgi  # noqa: E402
 from service.rayserve.groups import DEFAULT_GROUP, Grouping, GroupRepository  # noqa: E402
 from service.rayserve.router import _model_of  # noqa: E402
 
+GRACE = Settings().graceful_shutdown_s
 NAMES = ["digits-cnn", "digits-mlp", "iris-knn", "text-minilm"]
 
 
@@ -86,7 +87,7 @@ def test_deployment_options_fixed_replicas_per_group_or_for_all():
     g = Grouping.from_settings(
         RayServeSettings(groups={"v": ModelGroup(models=["digits-*"], num_replicas=2)}), NAMES
     )
-    assert deployment_options(g["v"], s) == {
+    assert deployment_options(g["v"], s, GRACE) == {
         "name": "group-v",
         "max_ongoing_requests": 64,
         "ray_actor_options": {"num_cpus": 0.5},
@@ -94,7 +95,7 @@ def test_deployment_options_fixed_replicas_per_group_or_for_all():
         "graceful_shutdown_timeout_s": 10,
         "num_replicas": 2,
     }
-    assert deployment_options(g[DEFAULT_GROUP], s)["num_replicas"] == 3
+    assert deployment_options(g[DEFAULT_GROUP], s, GRACE)["num_replicas"] == 3
 
 
 def test_deployment_options_autoscaling_for_all_or_one_group():
@@ -104,8 +105,8 @@ def test_deployment_options_autoscaling_for_all_or_one_group():
     g = Grouping.from_settings(
         RayServeSettings(groups={"v": ModelGroup(models=["digits-*"], autoscaling=mine)}), NAMES
     )
-    assert deployment_options(g["v"], s)["autoscaling_config"] == mine
-    options = deployment_options(g[DEFAULT_GROUP], s)
+    assert deployment_options(g["v"], s, GRACE)["autoscaling_config"] == mine
+    options = deployment_options(g[DEFAULT_GROUP], s, GRACE)
     assert options["autoscaling_config"] == auto and "num_replicas" not in options
 
 
@@ -113,10 +114,10 @@ def test_an_autoscaling_config_ray_refuses_names_the_setting():
     s = RayServeSettings(autoscaling={"min_replicas": 5, "max_replicas": 2})
     g = grouping()
     with pytest.raises(ValueError, match=r"SLIMSERVE_RAY_AUTOSCALING: group 'default': not an"):
-        deployment_options(g[DEFAULT_GROUP], s)
+        deployment_options(g[DEFAULT_GROUP], s, GRACE)
     s = RayServeSettings(autoscaling={"max_replicas": 2, "no_such_field": 1})
     with pytest.raises(ValueError, match="not an autoscaling config"):
-        deployment_options(g[DEFAULT_GROUP], s)
+        deployment_options(g[DEFAULT_GROUP], s, GRACE)
 
 
 def test_replicas_serve_with_an_absolute_repository_and_threads_for_their_cpus(
