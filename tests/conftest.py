@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -56,9 +57,13 @@ def tiny_repo(tmp_path: Path) -> ModelRepository:
 
 @pytest.fixture(scope="session")
 def zoo_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
-    """The whole zoo, built once per test session (about a minute on two cores)."""
+    """The whole zoo, built once per test session (five to six minutes on two cores), or the
+    one ``SLIMSERVE_TEST_ZOO`` names, built before with ``python -m tests.zoo PATH`` (for
+    quick runs of a few tests while working; CI always builds its own)."""
     from export.build import build
 
+    if given := os.environ.get("SLIMSERVE_TEST_ZOO"):
+        return ModelRepository(Path(given))
     repo = ModelRepository(tmp_path_factory.mktemp("zoo") / "models")
     build(repo, options=zoo_options())
     return repo

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         description="Port of the v2 gRPC service (inference.GRPCInferenceService) on the same "
         "host; 0 turns gRPC off. Every worker serves it (SO_REUSEPORT).",
     )
+    grpc_server: Literal["slimserve", "grpcio"] = Field(
+        "slimserve",
+        description="What serves gRPC: slimserve's own HTTP/2 transport on the worker's event "
+        "loop (service/grpc/h2.py), or grpcio's grpc.aio server (a third of the throughput "
+        "on small requests; kept as a fallback).",
+    )
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1,
         description="Worker processes, or auto: one per two CPUs this process may use (at least "

@@ -44,9 +44,11 @@ from ..serving.dataplane import DataPlane
 from ..serving.metrics import statistics
 from ..serving.store import LoadedModel
 from ..serving.tracing import Call
+from .calls import Method, listener
 from .codec import decode_infer, encode_infer, model_config, parameters
+from .h2 import Limits
 
-__all__ = ["InferenceServicer", "GrpcListener", "STATUS", "status_of", "address"]
+__all__ = ["InferenceServicer", "GrpcListener", "STATUS", "status_of", "address", "methods"]
 
 log = logging.getLogger("slimserve.grpc")
 
@@ -324,8 +326,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     )
 
 
+def methods(servicer: InferenceServicer) -> dict[str, Method]:
+    """The service's RPCs by path, as :mod:`service.grpc.h2` dispatches them."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    table = {}
+    for rpc in service.methods:
+        assert rpc.client_streaming == rpc.server_streaming, rpc.full_name  # unary or bidi
+        table[f"/{service.full_name}/{rpc.name}"] = Method(
+            getattr(servicer, rpc.name), getattr(pb, rpc.input_type.name), rpc.server_streaming
+        )
+    return table
+
+
 class GrpcListener:
-    """The gRPC server of one worker, on its event loop; ``ready`` while it serves."""
+    """The gRPC server of one worker, on its event loop; ``ready`` while it serves.
+    ``SLIMSERVE_GRPC_SERVER`` picks the transport: slimserve's own (:mod:`service.grpc.h2`)
+    or grpcio's ``grpc.aio``; the servicer is the same."""
 
     def __init__(self, dataplane: DataPlane, rejections: RejectionLog) -> None:
         self.dataplane = dataplane
@@ -340,6 +356,20 @@ class GrpcListener:
     async def start(self) -> None:
         """Bind ``SLIMSERVE_HOST:SLIMSERVE_GRPC_PORT`` and serve; raises when it cannot."""
         settings = self.settings
+        servicer = InferenceServicer(self.dataplane, self.rejections)
+        where = address(settings.host, settings.grpc_port)
+        if settings.grpc_server == "slimserve":
+            ours = listener(methods(servicer), Limits(max_message=settings.max_body_bytes))
+            try:
+                await ours.start(settings.host, settings.grpc_port)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot listen for gRPC on {where}: {exc.strerror or exc}; "
+                    "SLIMSERVE_GRPC_PORT picks another port, 0 turns gRPC off"
+                ) from None
+            self.server = ours
+            log.info("gRPC (inference.GRPCInferenceService) on %s", where)
+            return
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
@@ -347,9 +377,7 @@ class GrpcListener:
                 ("grpc.so_reuseport", 1),
             ]
         )
-        servicer = InferenceServicer(self.dataplane, self.rejections)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        where = address(settings.host, settings.grpc_port)
         try:
             server.add_insecure_port(where)
         except RuntimeError as exc:

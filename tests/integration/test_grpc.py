@@ -1,5 +1,6 @@
-"""The v2 gRPC service in-process: a real grpc.aio server on 127.0.0.1 over the dataplane,
-spoken to with tritonclient's asyncio gRPC client and the raw stubs."""
+"""The v2 gRPC service in-process: the listener on 127.0.0.1 over the dataplane, spoken to with
+tritonclient's asyncio gRPC client and the raw stubs; every test runs on both transports
+(slimserve's own HTTP/2 and grpcio's grpc.aio, ``SLIMSERVE_GRPC_SERVER``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ from service.serving.dataplane import DataPlane
 from service.serving.store import ModelStore
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, params=["slimserve", "grpcio"])
+def transport(request, monkeypatch) -> str:
+    monkeypatch.setenv("SLIMSERVE_GRPC_SERVER", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,6 @@ def test_the_serving_install_lists_no_training_library() -> None:
     heavy = {"torch", "transformers", "sentence-transformers", "scikit-learn", "onnxscript"}
     assert not names & heavy
     assert "tokenizers" in names
-    assert {"grpcio", "tritonclient"} <= names  # the v2 gRPC service is part of the server
+    assert {"hpack", "grpcio", "tritonclient"} <= names  # the v2 gRPC service is part of the server
     core = {req.split(">")[0].split("=")[0].strip().lower() for req in project["dependencies"]}
     assert not core & heavy
