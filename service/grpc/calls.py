@@ -41,8 +41,8 @@ log = logging.getLogger("slimserve.grpc")
 # the status codes the transport itself answers with
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 3, 4, 8
 UNIMPLEMENTED, INTERNAL = 12, 13
-_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
-_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_TIMEOUT = re.compile(rb"^(\d{1,8})([HMSmun])$")
+_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _ONE_MESSAGE = (
     "the request body ({} bytes) is not one length-prefixed message; a unary call sends exactly one"
 )
@@ -84,13 +84,18 @@ class Abort(Exception):
 class Context:
     """What a handler sees of its call: the ``grpc.aio`` methods slimserve's servicer uses."""
 
-    __slots__ = ("metadata",)
+    __slots__ = ("headers",)
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.metadata = metadata
+    def __init__(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self.metadata
+        """The call's metadata (its headers but HTTP/2's own), as ``grpc.aio`` gives it."""
+        return tuple(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in self.headers
+            if name[:1] != b":"
+        )
 
     async def abort(
         self, code: Any, details: str = "", trailing_metadata: Sequence[tuple[str, str]] = ()
@@ -113,31 +118,23 @@ class GrpcConnection(Connection):
             self.timer.cancel()
         super().connection_lost(exc)
 
-    def opened(self, stream: Stream, flags: int, headers: Iterable[Any]) -> None:
+    def opened(self, stream: Stream, flags: int, headers: list[tuple[bytes, bytes]]) -> None:
         """A new RPC: its method, metadata and deadline; unary ones wait for their message,
         streaming ones start now."""
-        pseudo: dict[bytes, bytes] = {}
-        metadata: list[tuple[str, str]] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                pseudo[name] = value
-            else:
-                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
-        stream.context = Context(tuple(metadata))
+        head = dict(headers)
+        stream.context = Context(headers)
         stream.ended = bool(flags & END_STREAM)
-        path = pseudo.get(b":path", b"").decode("latin-1")
-        meta = dict(metadata)
-        if pseudo.get(b":method") != b"POST":
+        path = head.get(b":path", b"").decode("latin-1")
+        if head.get(b":method") != b"POST":
             self._respond_error(stream, UNIMPLEMENTED, f"{path}: gRPC calls are POST")
             return
-        if not meta.get("content-type", "").startswith("application/grpc"):
+        kind = head.get(b"content-type", b"").decode("latin-1")
+        if not kind.startswith("application/grpc"):
             self._respond_error(
-                stream,
-                INVALID_ARGUMENT,
-                f"content-type {meta.get('content-type', '')[:64]!r}: expected application/grpc",
+                stream, INVALID_ARGUMENT, f"content-type {kind[:64]!r}: expected application/grpc"
             )
             return
-        encoding = meta.get("grpc-encoding", "identity")
+        encoding = head.get(b"grpc-encoding", b"identity").decode("latin-1")
         if encoding != "identity":
             self._respond_error(
                 stream,
@@ -151,12 +148,14 @@ class GrpcConnection(Connection):
             self._respond_error(stream, UNIMPLEMENTED, f"Method not found: {path[:128]}")
             return
         stream.method = method
-        timeout = meta.get("grpc-timeout")
+        timeout = head.get(b"grpc-timeout")
         if timeout is not None:
             match = _TIMEOUT.match(timeout)
             if match is None:
                 self._respond_error(
-                    stream, INVALID_ARGUMENT, f"grpc-timeout {timeout[:16]!r}: not a timeout"
+                    stream,
+                    INVALID_ARGUMENT,
+                    f"grpc-timeout {timeout[:16].decode('latin-1')!r}: not a timeout",
                 )
                 return
             stream.deadline = self.loop.time() + int(match[1]) * _UNITS[match[2]]

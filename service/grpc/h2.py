@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +134,21 @@ class Stream:
         self.done = False  # our END_STREAM is out (or queued)
 
 
+def _indexed_only(block: bytes) -> bool:
+    """Whether an HPACK block holds indexed header fields only (RFC 7541 section 6.1)."""
+    i, n = 0, len(block)
+    while i < n:
+        first = block[i]
+        if not first & 0x80:
+            return False  # a literal (perhaps added to the table) or a table size update
+        i += 1
+        if first & 0x7F == 0x7F:  # the index goes on in the next bytes
+            while i < n and block[i] & 0x80:
+                i += 1
+            i += 1
+    return True
+
+
 class Connection(asyncio.Protocol):
     """One client's HTTP/2 connection; a subclass gives streams their meaning."""
 
@@ -149,6 +164,7 @@ class Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.last_id = 0  # the highest stream id the peer opened
         self.decoder = hpack.Decoder(max_header_list_size=limits.max_header_list)
+        self.known: dict[bytes, list[tuple[bytes, bytes]]] = {}  # see _decode
         self.continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self.recv_window = limits.connection_window
         self.send_window = DEFAULT_WINDOW
@@ -290,7 +306,7 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ frames
 
-    def opened(self, stream: Stream, flags: int, headers: Iterable[Any]) -> None:
+    def opened(self, stream: Stream, flags: int, headers: list[tuple[bytes, bytes]]) -> None:
         """A new stream's header block is in (``flags``: its HEADERS frame's)."""
         raise NotImplementedError
 
@@ -357,21 +373,39 @@ class Connection(asyncio.Protocol):
             self.continuing = None
             self._header_block(sid, first, bytes(block))
 
-    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """A header block's fields. A block made only of indexed fields (what gRPC clients send
+        once a call's headers are in the dynamic table) changes no decoder state, so its fields
+        are kept and reused until a block that may change the table comes."""
+        known = self.known.get(block)
+        if known is not None:
+            return known
         try:
-            headers = self.decoder.decode(block, raw=True)
+            headers = [
+                (bytes(name), bytes(value)) for name, value in self.decoder.decode(block, raw=True)
+            ]
         except hpack.OversizedHeaderListError:
             raise ProtocolError(ENHANCE_YOUR_CALM, "header list too large") from None
         except hpack.HPACKError as exc:
             raise ProtocolError(COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        if not _indexed_only(block):
+            self.known.clear()
+        elif len(self.known) < 64:
+            self.known[block] = headers
+        return headers
+
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        headers = self._decode(block)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers: the request ends here
             if not flags & END_STREAM:
                 raise ProtocolError(PROTOCOL_ERROR, "request trailers without END_STREAM")
             self._data(END_STREAM, sid, b"")
             return
-        if sid % 2 == 0 or sid <= self.last_id:
-            raise ProtocolError(PROTOCOL_ERROR, f"HEADERS opening stream {sid} out of order")
+        if sid % 2 == 0:
+            raise ProtocolError(PROTOCOL_ERROR, f"HEADERS opening even stream {sid}")
+        if sid <= self.last_id:
+            return  # trailers on a stream we have finished or reset: in flight, ignored
         self.last_id = sid
         stream = Stream(sid, self.limits.window, self.peer_window)
         if self.draining or len(self.streams) >= self.limits.max_streams:

@@ -1,4 +1,4 @@
-"""The v2 gRPC service (``inference.GRPCInferenceService``) over the dataplane, on ``grpc.aio``.
+"""The v2 gRPC service (``inference.GRPCInferenceService``) over the dataplane.
 
 What Triton and KServe serve on port 8001, so ``tritonclient.grpc`` (and KServe's client) work
 unchanged: health, server and model metadata, ModelInfer (typed or raw tensors), the
@@ -11,11 +11,12 @@ with no generated code kept here.
 Errors are gRPC status codes the way Triton maps them (:data:`STATUS`), with the messages
 the HTTP API gives; a 503's ``Retry-After`` travels as ``retry-after`` and gRPC's own
 ``grpc-retry-pushback-ms`` trailing metadata. A message over ``SLIMSERVE_MAX_BODY_BYTES``
-is refused by gRPC itself with RESOURCE_EXHAUSTED before it is read.
+is refused by the transport with RESOURCE_EXHAUSTED before it is read.
 
 :class:`GrpcListener` starts and stops the server with the BentoML worker
-(:mod:`service.http.bento`); every worker binds the port with ``SO_REUSEPORT`` and the kernel
-spreads connections between them.
+(:mod:`service.http.bento`), on slimserve's own HTTP/2 transport (:mod:`service.grpc.calls`)
+or grpcio's ``grpc.aio`` (``SLIMSERVE_GRPC_SERVER``); every worker binds the port with
+``SO_REUSEPORT`` and the kernel spreads connections between them.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from service.grpc.calls import Abort, GrpcConnection, Method, percent
 from service.grpc.h2 import Limits
 
 ECHO, FAIL, SLOW, BOOM, CHAT = "/t.T/Echo", "/t.T/Fail", "/t.T/Slow", "/t.T/Boom", "/t.T/Chat"
+META = "/t.T/Meta"
 
 
 class Handlers:
@@ -38,6 +39,9 @@ class Handlers:
             self.cancelled.set()
             raise
 
+    async def meta(self, request: Any, context: Any) -> Any:
+        return StringValue(value=dict(context.invocation_metadata())["trace"])
+
     async def boom(self, request: Any, context: Any) -> Any:
         raise RuntimeError("a bug")
 
@@ -51,6 +55,7 @@ class Handlers:
 
     def methods(self) -> dict[str, Method]:
         unary = {ECHO: self.echo, FAIL: self.fail, SLOW: self.slow, BOOM: self.boom}
+        unary[META] = self.meta
         table = {path: Method(fn, StringValue) for path, fn in unary.items()}
         table[CHAT] = Method(self.chat, StringValue, streaming=True)
         return table
@@ -242,7 +247,10 @@ async def test_a_message_over_the_limit_is_refused_when_its_length_is_read() -> 
     assert trailers["grpc-status"] == "8"
     assert trailers["grpc-message"] == "Received message larger than max (2003 vs. 1000)"
     assert kinds == [h2.HEADERS, h2.RST_STREAM]  # trailers-only, then "stop sending"
-    peer.send(h2.frame(h2.DATA, h2.END_STREAM, 1, big[100:]))  # in flight: ignored
+    peer.send(h2.frame(h2.DATA, 0, 1, big[100:]))  # in flight: ignored, and so are trailers
+    peer.send(
+        h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, peer.encoder.encode([("x", "y")]))
+    )
     peer.call(3, ECHO, "after")
     await settle()
     assert peer.answers(3)[0] == ["AFTER"]
@@ -434,3 +442,27 @@ def test_abort_takes_grpc_status_codes_or_numbers() -> None:
     assert Abort(grpc.StatusCode.NOT_FOUND, "x").code == 5 and Abort(14, "y").code == 14
     assert percent("plain: ok") == b"plain: ok"
     assert percent("100%\n") == b"100%25%0A"
+
+
+@run
+async def test_header_blocks_reused_only_while_the_table_stands() -> None:
+    """An indexed-only block is decoded once and reused; a block that adds to the dynamic table
+    may give the same bytes other headers, and they are decoded again."""
+
+    def added(name: bytes, value: bytes) -> bytes:  # literal with incremental indexing
+        return b"\x40" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+    head = added(b":path", META.encode()) + added(b"content-type", b"application/grpc")
+    indexed = bytes((0x83, 0x80 | 64, 0x80 | 63, 0x80 | 62))  # POST, :path, content-type, trace
+    blocks = [
+        head + added(b"trace", b"a") + b"\x83",
+        indexed,  # trace: a
+        head + added(b"trace", b"b") + b"\x83",
+        indexed,  # the same bytes, now trace: b
+    ]
+    peer = Peer()
+    for sid, block in zip((1, 3, 5, 7), blocks, strict=True):
+        peer.send(h2.frame(h2.HEADERS, h2.END_HEADERS, sid, block) + data(sid, "x", end=True))
+        await settle()
+        assert peer.answers(sid)[0] == ["a" if sid < 5 else "b"]
+        assert list(peer.connection.known) == ([indexed] if block == indexed else [])
