@@ -9,12 +9,15 @@ import asyncio
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest.mock import patch
 
 import hpack
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from service.grpc import h2
+from service.grpc import calls, h2
 from service.grpc.calls import Abort, GrpcConnection, Method, percent
 from service.grpc.h2 import Limits
 
@@ -466,3 +469,46 @@ async def test_header_blocks_reused_only_while_the_table_stands() -> None:
         await settle()
         assert peer.answers(sid)[0] == ["a" if sid < 5 else "b"]
         assert list(peer.connection.known) == ([indexed] if block == indexed else [])
+
+
+# frames a fuzzer puts together: any type (and unknown ones), flags, small stream ids, and
+# payloads that are random, or a valid header block, or gRPC messages
+_payloads = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from(
+        [
+            hpack.Encoder().encode([(":method", "POST"), (":path", p), ("content-type", ct)])
+            for p in (ECHO, CHAT, SLOW, "/x")
+            for ct in ("application/grpc", "text/plain")
+        ]
+    ),
+    st.lists(st.text(max_size=5), max_size=3).map(lambda vs: b"".join(map(message, vs))),
+)
+_frames = st.lists(
+    st.tuples(
+        st.integers(0, 11), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 7]), _payloads
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=_frames, cut=st.integers(1, 64))
+def test_any_sequence_of_frames_is_answered_or_refused_never_a_crash(frames, cut) -> None:
+    """Whatever frames come, in pieces of any size: no exception escapes and none is logged
+    as our own fault; the connection either serves or says GOAWAY."""
+
+    async def main() -> None:
+        peer = Peer()
+        wire = b"".join(h2.frame(*f) for f in frames)
+        for i in range(0, len(wire), cut):
+            peer.send(wire[i : i + cut])
+            await settle(2)
+        await settle()
+        for stream in list(peer.connection.streams.values()):
+            peer.connection._forget(stream)
+        await settle()
+
+    with patch.object(calls.log, "exception") as ours, patch.object(h2.log, "exception") as h2s:
+        asyncio.run(main())
+    assert not ours.called and not h2s.called
