@@ -9,8 +9,9 @@ frames and messages cost, on the worker's event loop (``SLIMSERVE_GRPC_SERVER=gr
 serves with ``grpc.aio``).
 
 What a call is (gRPC's PROTOCOL-HTTP2.md): a POST to ``/package.Service/Method`` with
-``content-type: application/grpc``; length-prefixed messages, uncompressed (a
-``grpc-encoding`` other than identity is UNIMPLEMENTED); ``grpc-timeout`` ends it with
+``content-type: application/grpc``; length-prefixed messages, compressed or not
+(``grpc-encoding`` gzip or deflate, decompressed up to the size limit; answers go
+uncompressed, any other encoding is UNIMPLEMENTED); ``grpc-timeout`` ends it with
 DEADLINE_EXCEEDED; the answer is headers, messages and trailers with ``grpc-status`` and the
 percent-encoded ``grpc-message``, or trailers only when it fails before any message. A
 request message over ``max_message`` is RESOURCE_EXHAUSTED as soon as its length prefix is
@@ -28,6 +29,7 @@ import asyncio
 import logging
 import math
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +43,19 @@ log = logging.getLogger("slimserve.grpc")
 # the status codes the transport itself answers with
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 3, 4, 8
 UNIMPLEMENTED, INTERNAL = 12, 13
+#: request encodings read (answers go uncompressed: a server may choose per response)
+_ENCODINGS = ("identity", "gzip", "deflate")
 _TIMEOUT = re.compile(rb"^(\d{1,8})([HMSmun])$")
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _ONE_MESSAGE = (
     "the request body ({} bytes) is not one length-prefixed message; a unary call sends exactly one"
 )
 
-RESPONSE_HEADERS = b"\x88" + field(b"content-type", b"application/grpc")
+RESPONSE_HEADERS = (
+    b"\x88"
+    + field(b"content-type", b"application/grpc")
+    + field(b"grpc-accept-encoding", b"identity,deflate,gzip")
+)
 OK_TRAILERS = field(b"grpc-status", b"0")
 
 
@@ -135,14 +143,15 @@ class GrpcConnection(Connection):
             )
             return
         encoding = head.get(b"grpc-encoding", b"identity").decode("latin-1")
-        if encoding != "identity":
+        if encoding not in _ENCODINGS:
             self._respond_error(
                 stream,
                 UNIMPLEMENTED,
                 f"grpc-encoding {encoding[:32]!r} is not supported; slimserve takes "
-                "uncompressed messages (identity)",
+                f"{', '.join(_ENCODINGS)}",
             )
             return
+        stream.encoding = encoding
         method = self.methods.get(path)
         if method is None:
             self._respond_error(stream, UNIMPLEMENTED, f"Method not found: {path[:128]}")
@@ -212,19 +221,21 @@ class GrpcConnection(Connection):
         if len(buf) < 5 or int.from_bytes(buf[1:5], "big") != len(buf) - 5:
             self._respond_error(stream, INVALID_ARGUMENT, _ONE_MESSAGE.format(len(buf)))
             return
-        if buf[0]:
-            self._respond_error(
-                stream, INVALID_ARGUMENT, "compressed message without a grpc-encoding"
-            )
-            return
-        request = self._parse(stream, bytes(buf[5:]))
+        request = self._parse(stream, buf[0], bytes(buf[5:]))
         stream.buffer = bytearray()
         if request is not None:
             stream.task = asyncio.get_running_loop().create_task(self._call(stream, request))
 
-    def _parse(self, stream: Stream, data: bytes) -> Any:
+    def _parse(self, stream: Stream, compressed: int, data: bytes) -> Any:
+        """A request message, decompressed first when its flag says so; None when it cannot
+        be read (the call is answered with why)."""
         assert stream.method is not None
         kind = stream.method.request
+        if compressed:
+            inflated = self._inflate(stream, data)
+            if inflated is None:
+                return None
+            data = inflated
         try:
             return kind.FromString(data)
         except Exception as exc:  # protobuf's DecodeError
@@ -232,6 +243,40 @@ class GrpcConnection(Connection):
                 stream, INVALID_ARGUMENT, f"cannot parse the {kind.__name__} message: {exc}"
             )
             return None
+
+    def _inflate(self, stream: Stream, data: bytes) -> bytes | None:
+        """A compressed message (``grpc-encoding`` gzip or deflate) decompressed, never to
+        more than ``max_message`` bytes."""
+        limit = self.limits.max_message
+        if stream.encoding == "identity":
+            self._respond_error(
+                stream,
+                INVALID_ARGUMENT,
+                "a message flagged compressed, but grpc-encoding is identity; send "
+                f"grpc-encoding {' or '.join(_ENCODINGS[1:])} with compressed messages",
+            )
+            return None
+        inflater = zlib.decompressobj(47)  # a zlib (deflate) or gzip header, found
+        try:
+            out = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            self._respond_error(
+                stream, INVALID_ARGUMENT, f"cannot {stream.encoding}-decompress the message: {exc}"
+            )
+            return None
+        if len(out) > limit:
+            self._respond_error(
+                stream,
+                RESOURCE_EXHAUSTED,
+                f"Received message larger than max (over {limit} once decompressed)",
+            )
+            return None
+        if not inflater.eof:
+            self._respond_error(
+                stream, INVALID_ARGUMENT, f"the {stream.encoding} message is cut short"
+            )
+            return None
+        return out
 
     def _messages(self, stream: Stream) -> None:
         """A streaming request's complete messages, parsed, to its handler's queue."""
@@ -246,14 +291,9 @@ class GrpcConnection(Connection):
                     f"Received message larger than max ({length} vs. {limit})",
                 )
                 return
-            if buf[0]:
-                self._respond_error(
-                    stream, INVALID_ARGUMENT, "compressed message without a grpc-encoding"
-                )
-                return
             if len(buf) < 5 + length:
                 return
-            request = self._parse(stream, bytes(buf[5 : 5 + length]))
+            request = self._parse(stream, buf[0], bytes(buf[5 : 5 + length]))
             del buf[: 5 + length]
             if request is None:
                 return

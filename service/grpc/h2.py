@@ -111,6 +111,7 @@ class Stream:
         "ended",
         "task",
         "queue",
+        "encoding",
         "deadline",
         "expired",
         "done",
@@ -129,6 +130,7 @@ class Stream:
         self.ended = False  # the peer's END_STREAM came
         self.task: asyncio.Task[None] | None = None
         self.queue: asyncio.Queue[Any] | None = None  # streaming requests
+        self.encoding = "identity"  # grpc-encoding of its messages
         self.deadline = math.inf  # loop time, from grpc-timeout
         self.expired = False
         self.done = False  # our END_STREAM is out (or queued)

@@ -128,6 +128,14 @@ def test_health_metadata_and_answers_equal_to_onnxruntime(repo: ModelRepository)
         probabilities = np.array(answer.outputs[1].contents.fp32_contents).reshape(-1, 10)
         np.testing.assert_allclose(probabilities, result.as_numpy("probabilities"), atol=0)
         assert list(answer.outputs[0].contents.int64_contents) == list(result.as_numpy("label"))
+        # a client that compresses its requests (tritonclient's compression_algorithm)
+        for algorithm in ("gzip", "deflate"):
+            packed = await client.infer(
+                "digits-cnn", [_input("pixels", x)], compression_algorithm=algorithm
+            )
+            np.testing.assert_array_equal(
+                packed.as_numpy("probabilities"), result.as_numpy("probabilities")
+            )
 
     serve(repo, check)
 

@@ -6,7 +6,9 @@ tritonclient) is in tests/integration/test_grpc.py and tests/e2e/test_grpc.py.""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import struct
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 from unittest.mock import patch
@@ -23,6 +25,11 @@ from service.grpc.h2 import Limits
 
 ECHO, FAIL, SLOW, BOOM, CHAT = "/t.T/Echo", "/t.T/Fail", "/t.T/Slow", "/t.T/Boom", "/t.T/Chat"
 META = "/t.T/Meta"
+ANSWER_HEADERS = {
+    ":status": "200",
+    "content-type": "application/grpc",
+    "grpc-accept-encoding": "identity,deflate,gzip",
+}
 
 
 class Handlers:
@@ -137,10 +144,7 @@ class Peer:
             elif kind == h2.HEADERS and flags & h2.END_STREAM:
                 trailers = dict(self.decoder.decode(payload))
             elif kind == h2.HEADERS:
-                assert dict(self.decoder.decode(payload)) == {
-                    ":status": "200",
-                    "content-type": "application/grpc",
-                }
+                assert dict(self.decoder.decode(payload)) == ANSWER_HEADERS
         while body:
             n = int.from_bytes(body[1:5], "big")
             messages.append(StringValue.FromString(body[5 : 5 + n]).value)
@@ -215,7 +219,7 @@ async def test_a_status_with_trailers_a_bug_and_what_cannot_be_served() -> None:
     peer.call(1, FAIL, "x")
     peer.call(3, BOOM, "x")
     peer.call(5, "/t.T/Nope", "x")
-    peer.call(7, ECHO, "x", **{"grpc-encoding": "gzip"})
+    peer.call(7, ECHO, "x", **{"grpc-encoding": "snappy"})
     peer.send(peer.headers(9, ECHO, **{"content-type": "text/plain"}) + data(9, "x", end=True))
     await settle()
     frames = peer.frames()
@@ -225,8 +229,7 @@ async def test_a_status_with_trailers_a_bug_and_what_cannot_be_served() -> None:
             trailers[sid] = dict(peer.decoder.decode(payload))
     # trailers-only answers: one HEADERS with the status and the usual headers
     assert trailers[1] == {
-        ":status": "200",
-        "content-type": "application/grpc",
+        **ANSWER_HEADERS,
         "grpc-status": "5",
         "grpc-message": "n%C3%B6pe 100%25",
         "retry-after": "2",
@@ -234,7 +237,7 @@ async def test_a_status_with_trailers_a_bug_and_what_cannot_be_served() -> None:
     assert trailers[3]["grpc-status"] == "13"
     assert trailers[3]["grpc-message"] == "internal server error"
     assert trailers[5]["grpc-status"] == "12" and "/t.T/Nope" in trailers[5]["grpc-message"]
-    assert trailers[7]["grpc-status"] == "12" and "'gzip'" in trailers[7]["grpc-message"]
+    assert trailers[7]["grpc-status"] == "12" and "'snappy'" in trailers[7]["grpc-message"]
     assert trailers[9]["grpc-status"] == "3" and "'text/plain'" in trailers[9]["grpc-message"]
     peer.call(11, ECHO, "still")  # the connection serves on
     await settle()
@@ -257,6 +260,48 @@ async def test_a_message_over_the_limit_is_refused_when_its_length_is_read() -> 
     peer.call(3, ECHO, "after")
     await settle()
     assert peer.answers(3)[0] == ["AFTER"]
+
+
+@run
+async def test_compressed_requests_are_read_up_to_the_limit() -> None:
+    peer = Peer()
+
+    def packed(raw: bytes) -> bytes:
+        return b"\1" + len(raw).to_bytes(4, "big") + raw
+
+    value = StringValue(value="squeeze" * 20).SerializeToString()
+    gz, zl = gzip.compress(value), zlib.compress(value)
+    bomb = gzip.compress(StringValue(value="b" * 5000).SerializeToString())
+    calls_ = [
+        (1, "gzip", packed(gz)),
+        (3, "deflate", packed(zl)),
+        (5, "identity", packed(zl)),  # flagged compressed, but no encoding
+        (7, "gzip", packed(bomb)),  # small on the wire, over the limit inflated
+        (9, "gzip", packed(gz[:-12])),  # cut short
+        (11, "gzip", packed(b"not gzip at all")),
+        (13, "gzip", message("plain")),  # uncompressed messages stay allowed
+    ]
+    for sid, encoding, body in calls_:
+        peer.send(
+            peer.headers(sid, ECHO, **{"grpc-encoding": encoding})
+            + h2.frame(h2.DATA, h2.END_STREAM, sid, body)
+        )
+    await settle()
+    frames = peer.frames()
+    status = {
+        sid: dict(peer.decoder.decode(payload))
+        for kind, flags, sid, payload in frames
+        if kind == h2.HEADERS and flags & h2.END_STREAM
+    }
+    assert status[1] == status[3] == status[13] == {"grpc-status": "0"}
+    assert (
+        status[5]["grpc-status"] == "3" and "grpc-encoding is identity" in status[5]["grpc-message"]
+    )
+    assert status[7]["grpc-status"] == "8" and "once decompressed" in status[7]["grpc-message"]
+    assert status[9]["grpc-status"] == "3" and "cut short" in status[9]["grpc-message"]
+    assert (
+        status[11]["grpc-status"] == "3" and "cannot gzip-decompress" in status[11]["grpc-message"]
+    )
 
 
 @run
@@ -311,7 +356,10 @@ async def test_answers_wait_for_the_peers_window_and_frame_size() -> None:
     peer.call(1, ECHO, "y" * 30_000)
     await settle()
     frames = [f for f in peer.frames() if f[2] == 1]
-    assert [(f[0], len(f[3])) for f in frames] == [(h2.HEADERS, 32), (h2.DATA, 10)]
+    assert [(f[0], len(f[3])) for f in frames] == [
+        (h2.HEADERS, len(calls.RESPONSE_HEADERS)),
+        (h2.DATA, 10),
+    ]
     peer.send(h2.frame(h2.WINDOW_UPDATE, 0, 1, struct.pack(">I", 100_000)))
     sizes = [len(f[3]) for f in peer.frames() if f[0] == h2.DATA]
     total = len(message("Y" * 30_000))
