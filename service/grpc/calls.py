@@ -26,6 +26,7 @@ a :class:`Context` whose ``abort`` ends the call with a status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -34,9 +35,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .h2 import END_STREAM, Connection, Limits, Listener, Stream, field
+from .h2 import END_STREAM, Connection, Limits, Stream, field
 
-__all__ = ["Abort", "Context", "GrpcConnection", "Method", "listener", "percent"]
+__all__ = ["Abort", "Context", "GrpcConnection", "Listener", "Method", "listener", "percent"]
 
 log = logging.getLogger("slimserve.grpc")
 
@@ -386,6 +387,42 @@ def _framed(message: Any) -> bytes:
     """A message as gRPC sends it: uncompressed, its length in front."""
     data = message.SerializeToString()
     return len(data).to_bytes(5, "big") + data
+
+
+class Listener:
+    """A TCP listener; ``factory(live)`` makes each connection's protocol (``live``: the set
+    of open connections, which each keeps itself in)."""
+
+    def __init__(self, factory: Callable[[set[Connection]], Connection]) -> None:
+        self.factory = factory
+        self.connections: set[Connection] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: self.factory(self.connections),
+            host,
+            port,
+            reuse_port=True,
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """No new connections or streams; the streams started get ``grace_s`` to finish."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.close()
+        for connection in list(self.connections):
+            connection.drain()
+        waiting = [c.closed for c in self.connections]
+        if waiting:
+            await asyncio.wait(waiting, timeout=grace_s)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
 def listener(methods: dict[str, Method], limits: Limits) -> Listener:

@@ -16,17 +16,15 @@ its data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import hpack
 
-__all__ = ["Connection", "Limits", "Listener", "Stream", "field", "frame"]
+__all__ = ["Connection", "Limits", "Stream", "field", "frame"]
 
 log = logging.getLogger("slimserve.grpc")
 
@@ -569,39 +567,3 @@ class Connection(asyncio.Protocol):
         stream.done = stream.ended = True
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
-
-
-class Listener:
-    """A TCP listener; ``factory(live)`` makes each connection's protocol (``live``: the set
-    of open connections, which each keeps itself in)."""
-
-    def __init__(self, factory: Callable[[set[Connection]], Connection]) -> None:
-        self.factory = factory
-        self.connections: set[Connection] = set()
-        self.server: asyncio.Server | None = None
-
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: self.factory(self.connections),
-            host,
-            port,
-            reuse_port=True,
-        )
-
-    async def stop(self, grace_s: float) -> None:
-        """No new connections or streams; the streams started get ``grace_s`` to finish."""
-        server, self.server = self.server, None
-        if server is None:
-            return
-        server.close()
-        for connection in list(self.connections):
-            connection.drain()
-        waiting = [c.closed for c in self.connections]
-        if waiting:
-            await asyncio.wait(waiting, timeout=grace_s)
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.abort()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 1.0)
