@@ -172,7 +172,7 @@ class GrpcConnection(Connection):
             self._watch(stream.deadline)
         if method.streaming:
             stream.queue = asyncio.Queue()
-            stream.task = asyncio.get_running_loop().create_task(self._call(stream))
+            stream.task = self.loop.create_task(self._call(stream))
             if stream.ended:
                 stream.queue.put_nowait(None)
         elif stream.ended:
@@ -202,18 +202,26 @@ class GrpcConnection(Connection):
         prefix is in); RESOURCE_EXHAUSTED otherwise."""
         buf = stream.buffer
         if len(buf) >= 5:
-            length = int.from_bytes(buf[1:5], "big")
-            if length > self.limits.max_message:
-                self._respond_error(
-                    stream,
-                    RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({length} vs. {self.limits.max_message})",
-                )
+            length = self._length(stream)
+            if length is None:
                 return False
             if len(buf) > 5 + length:
                 self._respond_error(stream, INVALID_ARGUMENT, _ONE_MESSAGE.format(len(buf)))
                 return False
         return True
+
+    def _length(self, stream: Stream) -> int | None:
+        """The length prefix of the message at the head of ``stream``'s buffer; None, the call
+        answered RESOURCE_EXHAUSTED, when it is over the size limit."""
+        length = int.from_bytes(stream.buffer[1:5], "big")
+        if length > self.limits.max_message:
+            self._respond_error(
+                stream,
+                RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({length} vs. {self.limits.max_message})",
+            )
+            return None
+        return length
 
     def _dispatch(self, stream: Stream) -> None:
         """A unary request is complete: parse its one message and start the handler."""
@@ -225,7 +233,7 @@ class GrpcConnection(Connection):
         request = self._parse(stream, buf[0], bytes(buf[5:]))
         stream.buffer = bytearray()
         if request is not None:
-            stream.task = asyncio.get_running_loop().create_task(self._call(stream, request))
+            stream.task = self.loop.create_task(self._call(stream, request))
 
     def _parse(self, stream: Stream, compressed: int, data: bytes) -> Any:
         """A request message, decompressed first when its flag says so; None when it cannot
@@ -282,15 +290,9 @@ class GrpcConnection(Connection):
     def _messages(self, stream: Stream) -> None:
         """A streaming request's complete messages, parsed, to its handler's queue."""
         buf = stream.buffer
-        limit = self.limits.max_message
         while len(buf) >= 5:
-            length = int.from_bytes(buf[1:5], "big")
-            if length > limit:
-                self._respond_error(
-                    stream,
-                    RESOURCE_EXHAUSTED,
-                    f"Received message larger than max ({length} vs. {limit})",
-                )
+            length = self._length(stream)
+            if length is None:
                 return
             if len(buf) < 5 + length:
                 return
